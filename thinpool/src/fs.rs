@@ -1,0 +1,279 @@
+//! Filesystems on thin devices: mkfs (ext4 or xfs), mount and unmount with options split
+//! into flags and data, and growing a filesystem after its device grew.
+
+use std::{fmt, path::Path, str::FromStr};
+
+use nix::{
+    errno::Errno,
+    mount::{MntFlags, MsFlags},
+};
+use tracing::instrument;
+
+use crate::{
+    cmd,
+    error::{Error, Result},
+};
+
+/// A filesystem thinsnap can put on a thin device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum FsType {
+    /// ext4 (the default).
+    #[default]
+    Ext4,
+    /// xfs; snapshots must be mounted with `nouuid`.
+    Xfs,
+}
+
+impl FsType {
+    /// The kernel's name for the filesystem.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+        }
+    }
+
+    /// Formats `dev`; `extra` options go to mkfs as they are.
+    ///
+    /// # Errors
+    /// [`Error::Command`] when mkfs fails.
+    #[instrument(level = "debug", skip(extra), fields(dev = %dev.display(), fs = self.as_str()))]
+    pub fn mkfs(self, dev: &Path, extra: &[String]) -> Result<()> {
+        match self {
+            FsType::Ext4 => cmd::mkfs_ext4(dev, extra),
+            FsType::Xfs => cmd::mkfs_xfs(dev, extra),
+        }
+    }
+
+    /// Options every mount of a snapshot needs: `nouuid` for xfs, since all snapshots of a
+    /// base device share its filesystem uuid.
+    pub fn required_options(self) -> &'static [&'static str] {
+        match self {
+            FsType::Ext4 => &[],
+            FsType::Xfs => &["nouuid"],
+        }
+    }
+
+    /// The programs this filesystem needs.
+    pub fn programs(self) -> &'static [&'static str] {
+        match self {
+            FsType::Ext4 => &[cmd::MKFS_EXT4, cmd::RESIZE2FS],
+            FsType::Xfs => &[cmd::MKFS_XFS, cmd::XFS_GROWFS],
+        }
+    }
+}
+
+impl fmt::Display for FsType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for FsType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<FsType> {
+        match s {
+            "ext4" => Ok(FsType::Ext4),
+            "xfs" => Ok(FsType::Xfs),
+            _ => Err(Error::invalid(
+                format!("filesystem {s:?}"),
+                "use \"ext4\" or \"xfs\"",
+            )),
+        }
+    }
+}
+
+/// Splits mount options into kernel mount flags and the filesystem's data string.
+///
+/// Generic options such as `ro` or `noatime` are flags; passing them as data makes the
+/// filesystem fail with EINVAL. Everything else (`nouuid`, `discard`, ...) is data.
+pub fn split_options<S: AsRef<str>>(options: &[S]) -> (MsFlags, String) {
+    let mut flags = MsFlags::empty();
+    let mut data: Vec<&str> = Vec::new();
+    for opt in options.iter().map(AsRef::as_ref) {
+        match opt {
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "rw" => flags &= !MsFlags::MS_RDONLY,
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "suid" => flags &= !MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "dev" => flags &= !MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "exec" => flags &= !MsFlags::MS_NOEXEC,
+            "sync" => flags |= MsFlags::MS_SYNCHRONOUS,
+            "async" => flags &= !MsFlags::MS_SYNCHRONOUS,
+            "dirsync" => flags |= MsFlags::MS_DIRSYNC,
+            "noatime" => flags |= MsFlags::MS_NOATIME,
+            "atime" => flags &= !MsFlags::MS_NOATIME,
+            "nodiratime" => flags |= MsFlags::MS_NODIRATIME,
+            "diratime" => flags &= !MsFlags::MS_NODIRATIME,
+            "relatime" => flags |= MsFlags::MS_RELATIME,
+            "norelatime" => flags &= !MsFlags::MS_RELATIME,
+            "strictatime" => flags |= MsFlags::MS_STRICTATIME,
+            "lazytime" => flags |= MsFlags::MS_LAZYTIME,
+            "silent" => flags |= MsFlags::MS_SILENT,
+            "defaults" | "" => {}
+            other => data.push(other),
+        }
+    }
+    (flags, data.join(","))
+}
+
+/// Mounts the filesystem `fs` on `dev` at `target` with `options` (see [`split_options`]).
+///
+/// # Errors
+/// [`Error::Io`] with the kernel's errno (see `dmesg` for the filesystem's reason).
+#[instrument(level = "debug", skip(options), fields(dev = %dev.display(), target = %target.display()))]
+pub fn mount<S: AsRef<str>>(dev: &Path, target: &Path, fs: FsType, options: &[S]) -> Result<()> {
+    let (flags, data) = split_options(options);
+    nix::mount::mount(
+        Some(dev),
+        target,
+        Some(fs.as_str()),
+        flags,
+        if data.is_empty() { None } else { Some(data.as_str()) },
+    )
+    .map_err(|e| {
+        Error::io(
+            "mount",
+            target,
+            std::io::Error::other(format!(
+                "mounting {} ({fs}, options {:?}) failed: {e}; see `dmesg` for the filesystem's reason",
+                dev.display(),
+                options.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(",")
+            )),
+        )
+    })
+}
+
+/// Unmounts `target`. Not being mounted is not an error.
+///
+/// # Errors
+/// [`Error::Busy`] while files on it are open; [`Error::Io`] otherwise.
+#[instrument(level = "debug", fields(target = %target.display()))]
+pub fn umount(target: &Path) -> Result<()> {
+    match nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
+        Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
+        Err(Errno::EBUSY) => Err(Error::Busy {
+            device: target.display().to_string(),
+            detail:
+                "files on it are in use: stop the processes using it (see `fuser -m`), then retry"
+                    .into(),
+        }),
+        Err(e) => Err(Error::io("umount", target, e.into())),
+    }
+}
+
+/// Grows the filesystem on `dev`, mounted at `mountpoint`, to fill its device.
+///
+/// # Errors
+/// [`Error::Command`] when the grow tool fails.
+#[instrument(level = "debug", fields(dev = %dev.display(), fs = fs.as_str()))]
+pub fn grow_mounted(fs: FsType, dev: &Path, mountpoint: &Path) -> Result<()> {
+    match fs {
+        FsType::Ext4 => cmd::resize2fs(dev),
+        FsType::Xfs => cmd::xfs_growfs(mountpoint),
+    }
+}
+
+/// Grows the unmounted filesystem on `dev` by mounting it at a private temporary
+/// directory, growing it online and unmounting it again.
+///
+/// # Errors
+/// [`Error::Io`] or [`Error::Command`] when any step fails; the temporary mount is removed.
+pub fn grow_unmounted(fs: FsType, dev: &Path) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("thinsnap-grow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+    let res = mount(dev, &dir, fs, fs.required_options()).and_then(|()| {
+        let grown = grow_mounted(fs, dev, &dir);
+        let unmounted = umount(&dir);
+        grown.and(unmounted)
+    });
+    let _ = std::fs::remove_dir(&dir);
+    res
+}
+
+/// Whether `path` is a mount point (listed in `/proc/self/mountinfo`).
+///
+/// # Errors
+/// [`Error::Io`] when mountinfo cannot be read.
+pub fn is_mounted(path: &Path) -> Result<bool> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("read", "/proc/self/mountinfo", e))?;
+    let want = path.to_string_lossy();
+    Ok(info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|mp| unescape_mountinfo(mp) == want))
+}
+
+/// Mount points of block device `dev` (`major:minor`), from `/proc/self/mountinfo`.
+///
+/// # Errors
+/// [`Error::Io`] when mountinfo cannot be read.
+pub fn mounts_of(dev: devicemapper::Device) -> Result<Vec<std::path::PathBuf>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("read", "/proc/self/mountinfo", e))?;
+    let want = format!("{}:{}", dev.major, dev.minor);
+    Ok(info
+        .lines()
+        .filter(|l| l.split(' ').nth(2) == Some(want.as_str()))
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|mp| unescape_mountinfo(mp).into())
+        .collect())
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    // mountinfo escapes space, tab, newline and backslash as \ooo.
+    let mut out = String::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?');
+            out.push(v as char);
+            i += 4;
+        } else {
+            out.push(b[i] as char);
+            i += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_and_data_are_split() {
+        let (flags, data) = split_options(&["ro", "noatime", "nouuid", "discard"]);
+        assert!(flags.contains(MsFlags::MS_RDONLY | MsFlags::MS_NOATIME));
+        assert_eq!(data, "nouuid,discard");
+        let (flags, data) = split_options::<&str>(&[]);
+        assert!(flags.is_empty());
+        assert!(data.is_empty());
+    }
+
+    #[test]
+    fn later_options_win() {
+        let (flags, _) = split_options(&["ro", "rw"]);
+        assert!(!flags.contains(MsFlags::MS_RDONLY));
+    }
+
+    #[test]
+    fn fs_types_parse() {
+        assert_eq!("xfs".parse::<FsType>().unwrap(), FsType::Xfs);
+        assert!("btrfs".parse::<FsType>().is_err());
+        assert_eq!(FsType::Xfs.required_options(), &["nouuid"]);
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+}
