@@ -218,3 +218,32 @@ pub fn sha256(data: &[u8]) -> String {
     use sha2::Digest;
     format!("{:x}", sha2::Sha256::digest(data))
 }
+
+/// Writes `len` bytes to block device `dev` at `offset` with direct I/O, in 1 MiB writes,
+/// returning the first error.
+pub fn write_direct(dev: &Path, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    const CHUNK: usize = 1 << 20;
+    let mut storage = vec![0u8; CHUNK + 4096];
+    let start = storage.as_ptr().align_offset(4096);
+    let buf = &mut storage[start..start + CHUNK];
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = (i % 251) as u8 + 1;
+    }
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)?;
+    let mut done = 0;
+    while done < len {
+        f.write_all_at(buf, offset + done)?;
+        done += 1 << 20;
+    }
+    Ok(())
+}
+
+/// Free bytes of the filesystem mounted at `path`.
+pub fn fs_size(path: &Path) -> u64 {
+    let s = nix::sys::statvfs::statvfs(path).unwrap();
+    s.blocks() as u64 * s.fragment_size() as u64
+}

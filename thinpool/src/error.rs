@@ -55,6 +55,17 @@ pub enum Error {
         /// What ran out.
         detail: String,
     },
+    /// The kernel put the pool in a mode where it refuses changes (read-only, failed,
+    /// metadata flagged for checking).
+    #[error("pool {pool} is {mode}: {hint}")]
+    Degraded {
+        /// The pool name.
+        pool: String,
+        /// The mode the kernel reports.
+        mode: String,
+        /// What to do.
+        hint: &'static str,
+    },
     /// Something the operation needs does not exist.
     #[error("{what} not found{hint}")]
     NotFound {

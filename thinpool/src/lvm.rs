@@ -155,8 +155,6 @@ impl LvmPool {
             &chunk,
             "--zero",
             zero,
-            "--errorwhenfull",
-            full,
             "--discards",
             discards,
             "-n",
@@ -167,6 +165,8 @@ impl LvmPool {
         }
         args.push(&self.vg);
         cmd::lvm(&args)?;
+        // lvcreate does not take --errorwhenfull for thin pools; lvchange does.
+        cmd::lvm(&["lvchange", "--errorwhenfull", full, &self.path()])?;
         info!(metadata = %units::format_size(meta), "created LVM thin pool");
         Ok(())
     }

@@ -505,6 +505,43 @@ impl ThinPool {
         })
     }
 
+    /// The pool's status, or an error when the pool cannot take new data: out of data
+    /// space ([`Error::NoSpace`]), or read-only, failed or flagged for checking
+    /// ([`Error::Degraded`]), each with what to do.
+    ///
+    /// # Errors
+    /// As described, and as [`ThinPool::status`].
+    pub fn check_writable(&self) -> Result<PoolStatus> {
+        let st = self.status()?;
+        let degraded = |mode: &str, hint| Error::Degraded {
+            pool: self.name.to_string(),
+            mode: mode.to_string(),
+            hint,
+        };
+        match st.mode {
+            PoolMode::OutOfDataSpace => Err(Error::NoSpace {
+                pool: self.name.to_string(),
+                detail: format!(
+                    "{} of {} data blocks used",
+                    st.data_used, st.data_total
+                ),
+            }),
+            PoolMode::ReadOnly => Err(degraded(
+                "read-only",
+                "the kernel found a metadata problem: stop thinsnap, run `thinsnap pool check`, then repair with thin_repair (see docs/operations.md)",
+            )),
+            PoolMode::Failed => Err(degraded(
+                "failed",
+                "its devices error all I/O: check `dmesg` for the cause (a missing or failing disk), fix it, then restart thinsnap",
+            )),
+            PoolMode::ReadWrite if st.needs_check => Err(degraded(
+                "flagged for a metadata check",
+                "stop thinsnap, deactivate the pool and run `thinsnap pool check`",
+            )),
+            PoolMode::ReadWrite => Ok(st),
+        }
+    }
+
     /// The pool's transaction id.
     ///
     /// # Errors
