@@ -1,5 +1,16 @@
-//! thinsnap: a block-level thin-provisioning snapshotter for containerd.
+//! thinsnap's command line: parse, then dispatch to the library.
 
-fn main() {
-    println!("thinsnap {}", env!("CARGO_PKG_VERSION"));
+use clap::Parser;
+use thinsnap::cli;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    cli::init_logging(&cli.log);
+    match cli::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("thinsnap: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -3,6 +3,8 @@
 //! and leak checks for dm devices, loop devices and mounts.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::{
     fs,
     io::{Read, Write},

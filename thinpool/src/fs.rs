@@ -193,6 +193,65 @@ pub fn grow_unmounted(fs: FsType, dev: &Path) -> Result<()> {
     res
 }
 
+/// Inodes in use in the unmounted filesystem on `dev`, read from its superblock (the
+/// counters a clean unmount wrote).
+///
+/// # Errors
+/// [`Error::Io`] when the device cannot be read; [`Error::Invalid`] when it holds no such
+/// filesystem.
+pub fn used_inodes(fs: FsType, dev: &Path) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(dev).map_err(|e| Error::io("open", dev, e))?;
+    let mut sb = [0u8; 1024];
+    match fs {
+        FsType::Ext4 => {
+            f.read_exact_at(&mut sb, 1024)
+                .map_err(|e| Error::io("read superblock of", dev, e))?;
+            if u16::from_le_bytes([sb[56], sb[57]]) != 0xEF53 {
+                return Err(Error::invalid(
+                    dev.display().to_string(),
+                    "no ext4 superblock",
+                ));
+            }
+            let le =
+                |o: usize| u32::from_le_bytes(sb[o..o + 4].try_into().expect("4 bytes")) as u64;
+            Ok(le(0).saturating_sub(le(16)))
+        }
+        FsType::Xfs => {
+            f.read_exact_at(&mut sb[..512], 0)
+                .map_err(|e| Error::io("read superblock of", dev, e))?;
+            if &sb[0..4] != b"XFSB" {
+                return Err(Error::invalid(
+                    dev.display().to_string(),
+                    "no xfs superblock",
+                ));
+            }
+            let be = |o: usize| u64::from_be_bytes(sb[o..o + 8].try_into().expect("8 bytes"));
+            Ok(be(128).saturating_sub(be(136)))
+        }
+    }
+}
+
+/// Discards every block of block device `dev` (BLKDISCARD), so a thin device's blocks
+/// are unmapped and, with discard passdown, returned to the pool's data device.
+///
+/// # Errors
+/// [`Error::Io`] when the device cannot be opened or refuses the discard.
+pub fn discard(dev: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    nix::ioctl_write_ptr_bad!(blkdiscard, 0x1277, [u64; 2]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dev)
+        .map_err(|e| Error::io("open", dev, e))?;
+    let len = crate::dm::block_size_bytes(dev)?;
+    let range = [0u64, len];
+    // SAFETY: BLKDISCARD reads a [u64; 2] (start, length) from the pointer.
+    unsafe { blkdiscard(f.as_raw_fd(), &range) }
+        .map_err(|e| Error::io("discard", dev, e.into()))?;
+    Ok(())
+}
+
 /// Whether `path` is a mount point (listed in `/proc/self/mountinfo`).
 ///
 /// # Errors

@@ -1,0 +1,129 @@
+//! The command line: `thinsnap <noun> <verb>`, one small file per noun.
+
+mod pool;
+mod repair;
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tracing::info;
+
+use crate::{
+    config::{self, Config},
+    service::{self, StateLock},
+    snapshotter::Snapshotter,
+};
+
+/// Block-level thin-provisioning snapshots for containerd, on device-mapper thin pools.
+#[derive(Debug, Parser)]
+#[command(name = "thinsnap", version, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, env = "THINSNAP_CONFIG", default_value = config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    /// Log filter (error, warn, info, debug, trace, or tracing's directives).
+    #[arg(long, global = true, env = "THINSNAP_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve containerd's Snapshots API on the configured unix socket.
+    Serve,
+    /// Show, explain and check the configuration.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Manage the thin pool.
+    #[command(subcommand)]
+    Pool(pool::PoolCmd),
+    /// Report what startup reconciliation would change, without changing anything.
+    Check,
+    /// Reconcile the store with the pool: finish or roll back interrupted operations,
+    /// delete orphaned thin devices, re-activate what active snapshots need.
+    Repair,
+    /// Benchmarks (run them on real device-mapper, e.g. in `vagrant/vm`).
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCmd),
+}
+
+/// `thinsnap config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Print the full default configuration file, every key documented.
+    Default,
+    /// Print the containerd `proxy_plugins` snippet for this configuration.
+    Containerd,
+    /// Validate the configuration file and print the result.
+    Check,
+}
+
+/// Sets up logging to stderr with `filter`.
+pub fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+impl Cli {
+    /// The configuration named on the command line (defaults if the default file is absent).
+    pub fn load_config(&self) -> Result<Config> {
+        let explicit = self.config.as_os_str() != config::DEFAULT_PATH;
+        Config::load(&self.config, explicit)
+    }
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Config(ConfigCmd::Default) => {
+            print!("{}", config::DEFAULT_TOML);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCmd::Containerd) => {
+            print!("{}", config::containerd_snippet(&cli.load_config()?.socket));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCmd::Check) => {
+            let c = cli.load_config()?;
+            println!("{}: valid", cli.config.display());
+            print!("{c}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve => serve(&cli.load_config()?),
+        Command::Pool(cmd) => pool::run(&cli.load_config()?, cmd),
+        Command::Check => repair::run(&cli.load_config()?, false),
+        Command::Repair => repair::run(&cli.load_config()?, true),
+        Command::Bench(cmd) => crate::bench::run(cmd),
+    }
+}
+
+fn serve(config: &Config) -> Result<ExitCode> {
+    let _lock = StateLock::acquire(&config.lock_path())?;
+    let socket = config.socket.clone();
+    let snap = Snapshotter::open(config.clone()).context("cannot open the pool")?;
+    let report = snap
+        .recover(true)
+        .context("startup reconciliation failed")?;
+    for p in &report.problems {
+        tracing::warn!("reconciliation: {p}");
+    }
+    info!(
+        actions = report.actions.len(),
+        problems = report.problems.len(),
+        "reconciled store and pool"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(service::serve(Arc::new(snap), &socket))?;
+    Ok(ExitCode::SUCCESS)
+}

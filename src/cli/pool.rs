@@ -1,0 +1,151 @@
+//! `thinsnap pool ...`: create, status, grow, destroy.
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use thinpool::{units, ThinPool};
+
+use crate::{config::Config, service::StateLock};
+
+/// `thinsnap pool ...`
+#[derive(Debug, Subcommand)]
+pub enum PoolCmd {
+    /// Create (or activate) the configured pool.
+    Create,
+    /// Show the pool's space, mode and transaction id.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow the pool's data space (and optionally its metadata space) online.
+    Grow {
+        /// New data size, e.g. 200G, or +50G to add.
+        data: String,
+        /// New metadata size, e.g. 4G.
+        #[arg(long)]
+        metadata: Option<String>,
+    },
+    /// Deactivate the pool and delete its storage (loopback files or LVM volume).
+    Destroy {
+        /// Destroy even if the metadata store records snapshots.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn open(config: &Config) -> Result<ThinPool> {
+    ThinPool::open(&config.pool_name, &config.pool_source, &config.pool_options)
+        .with_context(|| format!("cannot open pool {}", config.pool_name))
+}
+
+/// Runs a pool command.
+pub fn run(config: &Config, cmd: &PoolCmd) -> Result<ExitCode> {
+    match cmd {
+        PoolCmd::Create => {
+            let pool = open(config)?;
+            println!(
+                "pool {} is active: {}",
+                config.pool_name,
+                pool.describe_source()
+            );
+        }
+        PoolCmd::Status { json } => {
+            let pool = open(config)?;
+            let st = pool.status()?;
+            let n = pool.thin_ids()?.len();
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "pool": config.pool_name.as_str(),
+                        "source": pool.describe_source(),
+                        "data_used_bytes": st.data_used_bytes(),
+                        "data_total_bytes": st.data_total_bytes(),
+                        "metadata_used_bytes": st.meta_used_bytes(),
+                        "metadata_total_bytes": st.meta_total_bytes(),
+                        "block_size_bytes": units::sectors_to_bytes(st.block_size),
+                        "transaction_id": st.transaction_id,
+                        "mode": st.mode.to_string(),
+                        "needs_check": st.needs_check,
+                        "low_water_mark_blocks": st.low_water_mark.0,
+                        "thin_devices": n,
+                    })
+                );
+            } else {
+                println!("pool            {}", config.pool_name);
+                println!("source          {}", pool.describe_source());
+                println!(
+                    "data            {} / {} ({:.1}%)",
+                    units::format_size(st.data_used_bytes()),
+                    units::format_size(st.data_total_bytes()),
+                    st.data_fraction() * 100.0
+                );
+                println!(
+                    "metadata        {} / {} ({:.1}%)",
+                    units::format_size(st.meta_used_bytes()),
+                    units::format_size(st.meta_total_bytes()),
+                    st.meta_fraction() * 100.0
+                );
+                println!(
+                    "block size      {}",
+                    units::format_size(units::sectors_to_bytes(st.block_size))
+                );
+                println!(
+                    "mode            {}{}",
+                    st.mode,
+                    if st.needs_check { " (needs_check)" } else { "" }
+                );
+                println!("transaction id  {}", st.transaction_id);
+                println!(
+                    "low-water mark  {} blocks ({})",
+                    st.low_water_mark.0,
+                    units::format_size(
+                        st.low_water_mark.0 * units::sectors_to_bytes(st.block_size)
+                    )
+                );
+                println!("thin devices    {n}");
+            }
+        }
+        PoolCmd::Grow { data, metadata } => {
+            let pool = open(config)?;
+            let cur = pool.data_bytes()?;
+            let new = match data.strip_prefix('+') {
+                Some(add) => cur + units::parse_size(add)?,
+                None => units::parse_size(data)?,
+            };
+            let meta = metadata.as_deref().map(units::parse_size).transpose()?;
+            pool.grow(new, meta)?;
+            println!(
+                "pool {} data: {} -> {}",
+                config.pool_name,
+                units::format_size(cur),
+                units::format_size(pool.data_bytes()?)
+            );
+        }
+        PoolCmd::Destroy { force } => {
+            let _lock = StateLock::acquire(&config.lock_path())?;
+            let store_path = config.store_path();
+            if store_path.exists() {
+                let store = crate::store::Store::open(&store_path, config.pool_name.as_str())?;
+                let n = store.read()?.all()?.len();
+                drop(store);
+                if n > 0 && !force {
+                    bail!("the store records {n} snapshot(s) in pool {}: remove them first, or pass --force to destroy them all", config.pool_name);
+                }
+            }
+            let pool = open(config)?;
+            for (id, _, _) in pool.active_thins()? {
+                pool.deactivate(id, thinpool::RemoveMode::Now)?;
+            }
+            pool.destroy()?;
+            if store_path.exists() {
+                std::fs::remove_file(&store_path)
+                    .with_context(|| format!("cannot remove {}", store_path.display()))?;
+            }
+            println!("pool {} destroyed", config.pool_name);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,32 @@
+//! `thinsnap check` and `thinsnap repair`: reconciliation of the store with the pool.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+
+use crate::{config::Config, service::StateLock, snapshotter::Snapshotter};
+
+/// Reports (or with `apply`, performs) reconciliation; exits 1 when `check` finds work.
+pub fn run(config: &Config, apply: bool) -> Result<ExitCode> {
+    let _lock = StateLock::acquire(&config.lock_path())?;
+    let snap = Snapshotter::open(config.clone()).context("cannot open the pool")?;
+    let report = snap.recover(apply)?;
+    let verb = if apply { "done" } else { "needed" };
+    for a in &report.actions {
+        println!("{verb}: {a}");
+    }
+    for p in &report.problems {
+        println!("problem: {p}");
+    }
+    if report.is_clean() {
+        println!(
+            "store and pool agree: {} snapshot(s), nothing to do",
+            snap.records()?.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if apply && report.problems.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    Ok(ExitCode::from(1))
+}

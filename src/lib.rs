@@ -1,0 +1,15 @@
+//! thinsnap: a block-level thin-provisioning snapshotter for containerd on device-mapper
+//! thin pools.
+//!
+//! The binary (`src/main.rs`) only parses and dispatches; this library holds the policy:
+//! configuration ([`config`]), the crash-safe metadata store ([`store`]), containerd's
+//! snapshot semantics ([`snapshotter`]), the gRPC service ([`service`]), the CLI ([`cli`])
+//! and benchmarks ([`bench`]). The mechanism (pools, thin devices, filesystems) is the
+//! `thinpool` crate.
+
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod service;
+pub mod snapshotter;
+pub mod store;

@@ -1,0 +1,125 @@
+//! A snapshot's (or base device's) durable record.
+
+use std::{
+    collections::BTreeMap,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// containerd's snapshot kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Writable, prepared from a committed parent.
+    Active,
+    /// Read-only view of a committed parent.
+    View,
+    /// Immutable; may be a parent.
+    Committed,
+}
+
+impl Kind {
+    /// containerd's name of the kind, as used in filters.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Active => "active",
+            Kind::View => "view",
+            Kind::Committed => "committed",
+        }
+    }
+}
+
+/// Where a record is in its lifecycle; the trying states are finished or rolled back at
+/// startup after a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// The thin device is being created (trying).
+    Creating,
+    /// Complete and usable.
+    Ready,
+    /// Being removed (trying); invisible to containerd.
+    Removing,
+}
+
+/// Disk usage of a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Usage {
+    /// Bytes the thin device has mapped.
+    pub bytes: u64,
+    /// Inodes in use in its filesystem.
+    pub inodes: u64,
+}
+
+/// The durable record of a snapshot or base device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// containerd's key (the name, once committed).
+    pub key: String,
+    /// Its kind.
+    pub kind: Kind,
+    /// Key of the committed parent, if any.
+    pub parent: Option<String>,
+    /// containerd's labels.
+    pub labels: BTreeMap<String, String>,
+    /// Creation time, nanoseconds since the epoch.
+    pub created_ns: u128,
+    /// Last update, nanoseconds since the epoch.
+    pub updated_ns: u128,
+    /// Thin device id in the pool.
+    pub thin_id: u32,
+    /// Thin device size in bytes.
+    pub size: u64,
+    /// Filesystem on the device.
+    pub fs: String,
+    /// Pool transaction id after the last pool change made for this record.
+    pub txn: u64,
+    /// Lifecycle state.
+    pub state: State,
+    /// Usage, recorded at commit.
+    pub usage: Option<Usage>,
+    /// Key before commit, for crash recovery and diagnostics.
+    #[serde(default)]
+    pub committed_from: Option<String>,
+}
+
+/// Now, in nanoseconds since the epoch.
+pub fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+impl Record {
+    /// A new record in state [`State::Creating`], created now.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        key: &str,
+        kind: Kind,
+        parent: Option<String>,
+        labels: BTreeMap<String, String>,
+        thin_id: u32,
+        size: u64,
+        fs: &str,
+        txn: u64,
+    ) -> Record {
+        let now = now_ns();
+        Record {
+            key: key.to_string(),
+            kind,
+            parent,
+            labels,
+            created_ns: now,
+            updated_ns: now,
+            thin_id,
+            size,
+            fs: fs.to_string(),
+            txn,
+            state: State::Creating,
+            usage: None,
+            committed_from: None,
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! A `thinsnap serve` process on its own loopback pool and socket, with a containerd
+//! Snapshots API client (containerd's own Rust bindings), for tests of the service.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use containerd_client::services::v1::snapshots::{snapshots_client::SnapshotsClient, *};
+use containerd_client::types::Mount;
+use thinpool::PoolName;
+use tonic::transport::Channel;
+
+use super::{assert_nothing_left, mounts_under, require_dm, scratch_dir, unique_pool_name};
+
+/// The snapshotter name tests send (thinsnap serves one pool and ignores it).
+pub const SNAPSHOTTER: &str = "thinsnap";
+
+/// A running daemon; stopped, its pool destroyed and checked for leftovers on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub pool: PoolName,
+}
+
+/// Configuration of a test daemon: a 4 GiB loopback pool, 1 GiB snapshots, plus `extra`.
+pub fn test_config(dir: &Path, pool: &PoolName, extra: &str) -> String {
+    format!(
+        r#"state_dir = "{dir}/state"
+socket = "{dir}/thinsnap.sock"
+default_size = "1G"
+{extra}
+[pool]
+name = "{pool}"
+[pool.loopback]
+data_size = "4G"
+metadata_size = "64M"
+"#,
+        dir = dir.display()
+    )
+}
+
+impl Daemon {
+    /// Starts a daemon with the test configuration.
+    pub fn start() -> Daemon {
+        Self::start_with("")
+    }
+
+    /// Starts a daemon with top-level configuration lines `extra` added.
+    pub fn start_with(extra: &str) -> Daemon {
+        require_dm();
+        let dir = scratch_dir();
+        let pool = unique_pool_name();
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, test_config(dir.path(), &pool, extra)).unwrap();
+        let mut d = Daemon {
+            child: None,
+            socket: dir.path().join("thinsnap.sock"),
+            config,
+            pool,
+            dir,
+        };
+        d.spawn();
+        d
+    }
+
+    /// The log file of the daemon's standard error.
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("daemon.log")
+    }
+
+    /// Runs the thinsnap CLI with this daemon's configuration.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_thinsnap"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Starts the daemon process and waits until its socket answers.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_thinsnap"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--log")
+            .arg(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .arg("serve")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "thinsnap serve exited with {status}:\n{}",
+                    std::fs::read_to_string(self.log()).unwrap_or_default()
+                );
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                panic!(
+                    "thinsnap serve did not listen within 120 s:\n{}",
+                    std::fs::read_to_string(self.log()).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the daemon with SIGTERM and waits; returns its exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        Some(child.wait().unwrap())
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// A containerd Snapshots API client on the daemon's socket.
+    pub async fn client(&self) -> Client {
+        let channel = containerd_client::connect(&self.socket).await.unwrap();
+        Client {
+            inner: SnapshotsClient::new(channel),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let stopped = self.stop();
+        if std::env::var_os("THINSNAP_KEEP_TEST_DEVICES").is_some() {
+            return;
+        }
+        for m in mounts_under(self.dir.path()).into_iter().rev() {
+            let _ = thinpool::fs::umount(&m);
+        }
+        let out = self.cli(&["pool", "destroy", "--force"]);
+        if !std::thread::panicking() {
+            if let Some(s) = stopped {
+                assert!(
+                    s.success(),
+                    "daemon exit: {s}\n{}",
+                    std::fs::read_to_string(self.log()).unwrap_or_default()
+                );
+            }
+            assert!(
+                out.status.success(),
+                "pool destroy: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_nothing_left(&self.pool, self.dir.path());
+        }
+    }
+}
+
+/// Thin wrapper over containerd's generated client with the snapshotter name filled in.
+pub struct Client {
+    pub inner: SnapshotsClient<Channel>,
+}
+
+pub type Labels = std::collections::HashMap<String, String>;
+
+impl Client {
+    pub async fn prepare(&mut self, key: &str, parent: &str) -> Result<Vec<Mount>, tonic::Status> {
+        self.prepare_with(key, parent, Labels::new()).await
+    }
+
+    pub async fn prepare_with(
+        &mut self,
+        key: &str,
+        parent: &str,
+        labels: Labels,
+    ) -> Result<Vec<Mount>, tonic::Status> {
+        let r = self
+            .inner
+            .prepare(PrepareSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.into(),
+                parent: parent.into(),
+                labels,
+            })
+            .await?;
+        Ok(r.into_inner().mounts)
+    }
+
+    pub async fn view(&mut self, key: &str, parent: &str) -> Result<Vec<Mount>, tonic::Status> {
+        let r = self
+            .inner
+            .view(ViewSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.into(),
+                parent: parent.into(),
+                labels: Labels::new(),
+            })
+            .await?;
+        Ok(r.into_inner().mounts)
+    }
+
+    pub async fn mounts(&mut self, key: &str) -> Result<Vec<Mount>, tonic::Status> {
+        let r = self
+            .inner
+            .mounts(MountsRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.into(),
+            })
+            .await?;
+        Ok(r.into_inner().mounts)
+    }
+
+    pub async fn commit(&mut self, name: &str, key: &str) -> Result<(), tonic::Status> {
+        self.commit_with(name, key, Labels::new()).await
+    }
+
+    pub async fn commit_with(
+        &mut self,
+        name: &str,
+        key: &str,
+        labels: Labels,
+    ) -> Result<(), tonic::Status> {
+        self.inner
+            .commit(CommitSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                name: name.into(),
+                key: key.into(),
+                labels,
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn remove(&mut self, key: &str) -> Result<(), tonic::Status> {
+        self.inner
+            .remove(RemoveSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.into(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn stat(&mut self, key: &str) -> Result<Info, tonic::Status> {
+        let r = self
+            .inner
+            .stat(StatSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.into(),
+            })
+            .await?;
+        Ok(r.into_inner().info.unwrap())
+    }
+
+    pub async fn update(
+        &mut self,
+        key: &str,
+        labels: Labels,
+        paths: &[&str],
+    ) -> Result<Info, tonic::Status> {
+        let r = self
+            .inner
+            .update(UpdateSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                info: Some(Info {
+                    name: key.into(),
+                    labels,
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: paths.iter().map(|s| s.to_string()).collect(),
+                }),
+            })
+            .await?;
+        Ok(r.into_inner().info.unwrap())
+    }
+
+    pub async fn list(&mut self, filters: &[&str]) -> Result<Vec<Info>, tonic::Status> {
+        let mut stream = self
+            .inner
+            .list(ListSnapshotsRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                filters: filters.iter().map(|s| s.to_string()).collect(),
+            })
+            .await?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(batch) = stream.message().await? {
+            out.extend(batch.info);
+        }
+        Ok(out)
+    }
+
+    pub async fn usage(&mut self, key: &str) -> Result<UsageResponse, tonic::Status> {
+        Ok(self
+            .inner
+            .usage(UsageRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.into(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn cleanup(&mut self) -> Result<(), tonic::Status> {
+        self.inner
+            .cleanup(CleanupRequest {
+                snapshotter: SNAPSHOTTER.into(),
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+/// A snapshot mounted where a test can look at it; unmounted on drop.
+pub struct Mounted {
+    pub path: PathBuf,
+}
+
+impl Mounted {
+    /// Mounts `mounts` (one block device mount, as thinsnap returns) at a fresh directory
+    /// under `dir`.
+    pub fn new(dir: &Path, name: &str, mounts: &[Mount]) -> Mounted {
+        assert_eq!(mounts.len(), 1, "{mounts:?}");
+        let m = &mounts[0];
+        assert!(m.source.starts_with("/dev/dm-"), "{m:?}");
+        let path = dir.join("mnt").join(name.replace('/', "_"));
+        std::fs::create_dir_all(&path).unwrap();
+        let fs: thinpool::FsType = m.r#type.parse().unwrap();
+        thinpool::fs::mount(Path::new(&m.source), &path, fs, &m.options).unwrap();
+        Mounted { path }
+    }
+
+    /// Unmounts now.
+    pub fn unmount(self) {}
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        thinpool::fs::umount(&self.path).unwrap();
+    }
+}
