@@ -5,7 +5,7 @@ use thinsnap::cli;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
-    cli::init_logging(&cli.log);
+    cli::init_logging(cli.log_filter());
     match cli::run(cli) {
         Ok(code) => code,
         Err(e) => {

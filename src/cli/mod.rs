@@ -2,6 +2,8 @@
 
 mod pool;
 mod repair;
+mod snapshot;
+mod table;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
@@ -22,9 +24,10 @@ pub struct Cli {
     /// Configuration file.
     #[arg(long, global = true, env = "THINSNAP_CONFIG", default_value = config::DEFAULT_PATH)]
     pub config: PathBuf,
-    /// Log filter (error, warn, info, debug, trace, or tracing's directives).
-    #[arg(long, global = true, env = "THINSNAP_LOG", default_value = "info")]
-    pub log: String,
+    /// Log filter (error, warn, info, debug, trace, or tracing's directives); default:
+    /// info for `serve`, warn for other commands.
+    #[arg(long, global = true, env = "THINSNAP_LOG")]
+    pub log: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -40,6 +43,9 @@ pub enum Command {
     /// Manage the thin pool.
     #[command(subcommand)]
     Pool(pool::PoolCmd),
+    /// Inspect and manage snapshots through the running daemon.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCmd),
     /// Report what startup reconciliation would change, without changing anything.
     Check,
     /// Reconcile the store with the pool: finish or roll back interrupted operations,
@@ -73,6 +79,15 @@ pub fn init_logging(filter: &str) {
 }
 
 impl Cli {
+    /// The log filter: as given, else info for the daemon and warn for the CLI.
+    pub fn log_filter(&self) -> &str {
+        match (&self.log, &self.command) {
+            (Some(l), _) => l,
+            (None, Command::Serve) => "info",
+            (None, _) => "warn",
+        }
+    }
+
     /// The configuration named on the command line (defaults if the default file is absent).
     pub fn load_config(&self) -> Result<Config> {
         let explicit = self.config.as_os_str() != config::DEFAULT_PATH;
@@ -99,6 +114,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Serve => serve(&cli.load_config()?),
         Command::Pool(cmd) => pool::run(&cli.load_config()?, cmd),
+        Command::Snapshot(cmd) => snapshot::run(&cli.load_config()?, cmd),
         Command::Check => repair::run(&cli.load_config()?, false),
         Command::Repair => repair::run(&cli.load_config()?, true),
         Command::Bench(cmd) => crate::bench::run(cmd),

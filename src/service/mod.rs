@@ -3,6 +3,7 @@
 //! duration.
 
 pub mod api;
+pub mod client;
 mod status;
 
 use std::{

@@ -52,13 +52,22 @@ impl Snapshotter {
     /// Deletes the device of a record in state Removing, then the record.
     pub(super) fn finish_remove(&self, record: &Record) -> Result<()> {
         let id = Self::thin_id(record)?;
+        let busy = |detail: String| {
+            Error::FailedPrecondition(format!(
+                "cannot remove snapshot {:?}: its device {} is in use ({detail})",
+                record.key,
+                &*self.pool.thin_name(id)
+            ))
+        };
         if self.config.discard_on_remove {
             match self.activate(record) {
-                Ok(dev) => {
-                    if let Err(e) = thinpool::fs::discard(&dev.devnode) {
-                        warn!(key = %record.key, error = %e, "discard failed; the blocks are still freed in the pool");
+                Ok(dev) => match thinpool::fs::discard(&dev.devnode) {
+                    Ok(()) => {}
+                    Err(thinpool::Error::Busy { detail, .. }) => return Err(busy(detail)),
+                    Err(e) => {
+                        warn!(key = %record.key, error = %e, "discard failed; the blocks are still freed in the pool")
                     }
-                }
+                },
                 Err(e) => warn!(key = %record.key, error = %e, "cannot activate for discard"),
             }
         }

@@ -233,17 +233,25 @@ pub fn used_inodes(fs: FsType, dev: &Path) -> Result<u64> {
 }
 
 /// Discards every block of block device `dev` (BLKDISCARD), so a thin device's blocks
-/// are unmapped and, with discard passdown, returned to the pool's data device.
+/// are unmapped and, with discard passdown, returned to the pool's data device. The device
+/// is opened exclusively, so a mounted or otherwise open device is never discarded.
 ///
 /// # Errors
-/// [`Error::Io`] when the device cannot be opened or refuses the discard.
+/// [`Error::Busy`] when the device is open elsewhere; [`Error::Io`] when it refuses.
 pub fn discard(dev: &Path) -> Result<()> {
-    use std::os::fd::AsRawFd;
+    use std::os::{fd::AsRawFd, unix::fs::OpenOptionsExt};
     nix::ioctl_write_ptr_bad!(blkdiscard, 0x1277, [u64; 2]);
     let f = std::fs::OpenOptions::new()
         .write(true)
+        .custom_flags(libc::O_EXCL)
         .open(dev)
-        .map_err(|e| Error::io("open", dev, e))?;
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EBUSY) => Error::Busy {
+                device: dev.display().to_string(),
+                detail: "it is mounted or open: unmount it first".into(),
+            },
+            _ => Error::io("open", dev, e),
+        })?;
     let len = crate::dm::block_size_bytes(dev)?;
     let range = [0u64, len];
     // SAFETY: BLKDISCARD reads a [u64; 2] (start, length) from the pointer.
