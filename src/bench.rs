@@ -29,9 +29,10 @@ pub enum BenchCmd {
         /// dmsetup to compare with (skipped when absent).
         #[arg(long, default_value = "/opt/dmsetup/dmsetup")]
         dmsetup: PathBuf,
-        /// Directory for the benchmark's loopback pool (removed afterwards).
-        #[arg(long, default_value = "/var/tmp/thinsnap-bench")]
-        dir: PathBuf,
+        /// Directory for the benchmark's loopback pool (removed afterwards); default:
+        /// `$THINSNAP_SCRATCH/thinsnap-bench` (the VM's scratch disk), else /var/tmp.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -67,8 +68,16 @@ pub fn run(cmd: &BenchCmd) -> Result<ExitCode> {
             iterations,
             dmsetup,
             dir,
-        } => bench_thin(counts, *iterations, dmsetup, dir),
+        } => bench_thin(counts, *iterations, dmsetup, &dir.clone().unwrap_or_else(scratch)),
     }
+}
+
+/// Default directory for a benchmark's files: on the VM's scratch disk when there is one.
+pub fn scratch() -> PathBuf {
+    std::env::var_os("THINSNAP_SCRATCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"))
+        .join("thinsnap-bench")
 }
 
 struct Steps {
