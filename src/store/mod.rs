@@ -31,6 +31,9 @@ const BASES: TableDefinition<&str, &[u8]> = TableDefinition::new("bases");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const POOL_NAME: TableDefinition<&str, &str> = TableDefinition::new("pool");
 
+/// Page cache of the database, in bytes.
+const CACHE_BYTES: usize = 32 << 20;
+
 /// Version of the on-disk schema.
 pub const SCHEMA: u64 = 1;
 
@@ -106,10 +109,14 @@ impl Store {
     /// [`StoreError::Mismatch`] when it belongs to another pool or schema.
     pub fn open(path: &Path, pool: &str) -> StoreResult<Store> {
         let p = path.display().to_string();
-        let db = Database::create(path).map_err(|e| StoreError::Db {
-            path: p.clone(),
-            source: Box::new(e.into()),
-        })?;
+        // A modest page cache: records are small, and the daemon's RSS should stay small.
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| StoreError::Db {
+                path: p.clone(),
+                source: Box::new(e.into()),
+            })?;
         let store = Store { db, path: p };
         let tx = store.db.begin_write().map_err(|e| store.err(e))?;
         {

@@ -7,6 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod snapshots;
+
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use thinpool::{
@@ -34,6 +36,27 @@ pub enum BenchCmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Prepare / Commit / Remove latency (p50, p99) over gRPC against a `thinsnap serve`
+    /// started for the purpose, with 10, 1,000 and 10,000 committed snapshots present, and
+    /// the daemon's RSS.
+    Snapshots(SnapshotsBench),
+}
+
+/// Options of the Snapshots API benchmark.
+#[derive(Debug, clap::Args)]
+pub struct SnapshotsBench {
+    /// Numbers of existing committed snapshots to measure at.
+    #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
+    pub counts: Vec<u32>,
+    /// Prepare/Commit/Remove cycles measured at each count.
+    #[arg(long, default_value_t = 200)]
+    pub iterations: u32,
+    /// Concurrent clients while filling the pool with snapshots.
+    #[arg(long, default_value_t = 4)]
+    pub fill_clients: u32,
+    /// Directory for the benchmark daemon's state and pool (removed afterwards).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
 }
 
 /// Latency summary of one series, in milliseconds.
@@ -68,7 +91,13 @@ pub fn run(cmd: &BenchCmd) -> Result<ExitCode> {
             iterations,
             dmsetup,
             dir,
-        } => bench_thin(counts, *iterations, dmsetup, &dir.clone().unwrap_or_else(scratch)),
+        } => bench_thin(
+            counts,
+            *iterations,
+            dmsetup,
+            &dir.clone().unwrap_or_else(scratch),
+        ),
+        BenchCmd::Snapshots(opts) => crate::bench::snapshots::run(opts),
     }
 }
 
