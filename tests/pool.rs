@@ -94,6 +94,11 @@ fn loop_pool_grows_online_while_a_filesystem_is_written() {
     assert_eq!(st.data_total_bytes(), 4 * GIB);
     assert_eq!(st.meta_total_bytes(), 128 * MIB);
     assert_eq!(st.mode, PoolMode::ReadWrite);
+    // Metadata blocks beyond the old size are read fine (the superblock's count lags).
+    assert_eq!(
+        pool.thin_ids().unwrap().into_iter().collect::<Vec<_>>(),
+        vec![id(1)]
+    );
 
     let sum2 = write_pattern(&m.join("after"), 8 << 20, 2);
     assert_eq!(sha256_file(&m.join("before")), sum1);

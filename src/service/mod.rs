@@ -281,10 +281,10 @@ impl StateLock {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+async fn shutdown_signal(
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+) {
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: finishing in-flight requests, then exiting"),
         _ = int.recv() => info!("SIGINT: finishing in-flight requests, then exiting"),
@@ -297,6 +297,10 @@ async fn shutdown_signal() {
 /// # Errors
 /// When the socket cannot be created.
 pub async fn serve(snap: Arc<Snapshotter>, socket: &Path) -> Result<()> {
+    // Handlers first: once the socket exists, a SIGTERM must mean a graceful stop.
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -336,7 +340,7 @@ pub async fn serve(snap: Arc<Snapshotter>, socket: &Path) -> Result<()> {
         .add_service(SnapshotsServer::new(Service::new(snap)))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
-            shutdown_signal(),
+            shutdown_signal(term, int),
         )
         .await
         .context("gRPC server failed")?;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use thinpool::{units, RemoveMode};
+use thinpool::{failpoint::hit as fp, units, RemoveMode};
 use tracing::{instrument, warn};
 
 use super::{validate_key, validate_labels, Error, Result, Snapshotter};
@@ -42,11 +42,13 @@ impl Snapshotter {
         };
         let id = Self::thin_id(&record)?;
         let usage = self.measure(&record)?;
+        fp("commit.after-measure");
         if let Err(e) = self.pool.deactivate(id, RemoveMode::Now) {
             // Still mounted somewhere: the device goes away when it is unmounted.
             warn!(key, error = %e, "committed device still in use; removing it when released");
             self.pool.deactivate(id, RemoveMode::Deferred)?;
         }
+        fp("commit.after-deactivate");
         let mut tx = self.store.write()?;
         if tx.get(name)?.is_some() {
             return Err(Error::AlreadyExists(format!(
@@ -69,6 +71,7 @@ impl Snapshotter {
         committed.committed_from = Some(key.to_string());
         tx.put(&committed)?;
         tx.commit()?;
+        fp("commit.after-store");
         Ok(())
     }
 

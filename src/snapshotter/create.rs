@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use thinpool::{units, RemoveMode};
+use thinpool::{failpoint::hit as fp, units, RemoveMode};
 use tracing::{info, instrument, warn};
 
 use super::{pool_error, validate_key, validate_labels, Error, Mount, Result, Snapshotter};
@@ -125,6 +125,7 @@ impl Snapshotter {
             tx.commit()?;
             r
         };
+        fp("create.after-intent");
         match self.materialize(&record, &origin) {
             Ok((record, dev)) => Ok(self.mounts_for(&record, &dev)),
             Err(e) => {
@@ -145,10 +146,13 @@ impl Snapshotter {
     ) -> Result<(Record, thinpool::ActiveThin)> {
         let id = Self::thin_id(record)?;
         let origin_id = Self::thin_id(origin)?;
-        let txn = self.pool_change(|p| p.create_snapshot(id, origin_id))?;
+        let txn = self.pool_change("create.after-message", |p| p.create_snapshot(id, origin_id))?;
+        fp("create.after-txn");
         let dev = self.activate(record)?;
+        fp("create.after-activate");
         if record.size > origin.size {
             thinpool::fs::grow_unmounted(record.fs.parse().unwrap_or_default(), &dev.devnode)?;
+            fp("create.after-grow");
         }
         let mut done = record.clone();
         done.state = State::Ready;
@@ -157,6 +161,7 @@ impl Snapshotter {
         tx.put(&done)?;
         tx.set_meta("pool_txn", txn)?;
         tx.commit()?;
+        fp("create.after-ready");
         Ok((done, dev))
     }
 
@@ -164,7 +169,7 @@ impl Snapshotter {
     pub(super) fn undo_create(&self, record: &Record) -> Result<()> {
         let id = Self::thin_id(record)?;
         self.pool.deactivate(id, RemoveMode::Now)?;
-        let txn = self.pool_change(|p| p.delete_thin(id))?;
+        let txn = self.pool_change("undo-create.after-message", |p| p.delete_thin(id))?;
         let mut tx = self.store.write()?;
         tx.delete(&record.key, true)?;
         tx.set_meta("pool_txn", txn)?;
@@ -229,11 +234,14 @@ impl Snapshotter {
             tx.commit()?;
             r
         };
+        fp("base.after-intent");
         let made = (|| -> Result<Record> {
             let id = Self::thin_id(&record)?;
-            let txn = self.pool_change(|p| p.create_thin(id))?;
+            let txn = self.pool_change("base.after-message", |p| p.create_thin(id))?;
+            fp("base.after-txn");
             let dev = self.activate(&record)?;
             self.fs().mkfs(&dev.devnode, &self.config.mkfs_options)?;
+            fp("base.after-mkfs");
             self.pool.deactivate(id, RemoveMode::Now)?;
             let mut done = record.clone();
             done.state = State::Ready;
@@ -242,6 +250,7 @@ impl Snapshotter {
             tx.put_base(&done)?;
             tx.set_meta("pool_txn", txn)?;
             tx.commit()?;
+            fp("base.after-ready");
             Ok(done)
         })();
         match made {
@@ -262,7 +271,7 @@ impl Snapshotter {
     pub(super) fn undo_base(&self, record: &Record) -> Result<()> {
         let id = Self::thin_id(record)?;
         self.pool.deactivate(id, RemoveMode::Now)?;
-        let txn = self.pool_change(|p| p.delete_thin(id))?;
+        let txn = self.pool_change("undo-base.after-message", |p| p.delete_thin(id))?;
         let mut tx = self.store.write()?;
         tx.delete_base(&record.fs)?;
         tx.set_meta("pool_txn", txn)?;

@@ -142,10 +142,16 @@ impl Snapshotter {
     }
 
     /// Runs `change` (one pool metadata message) under the pool lock, then advances the
-    /// pool's transaction id; returns the new id.
-    fn pool_change(&self, change: impl FnOnce(&ThinPool) -> thinpool::Result<()>) -> Result<u64> {
+    /// pool's transaction id; returns the new id. `failpoint` names the crash point between
+    /// the message and the transaction id.
+    fn pool_change(
+        &self,
+        failpoint: &'static str,
+        change: impl FnOnce(&ThinPool) -> thinpool::Result<()>,
+    ) -> Result<u64> {
         let mut txn = self.lock_txn();
         change(&self.pool).map_err(pool_error)?;
+        thinpool::failpoint::hit(failpoint);
         let next = *txn + 1;
         if let Err(e) = self.pool.set_transaction_id(*txn, next) {
             // Someone else moved it (e.g. another tool on an existing pool): resync.

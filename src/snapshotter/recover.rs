@@ -119,7 +119,8 @@ impl Snapshotter {
                     format!("delete orphaned thin id {id} (no snapshot records it)"),
                     &|| {
                         let tid = ThinId::new(id)?;
-                        self.pool_change(|p| p.delete_thin(tid)).map(|_| ())
+                        self.pool_change("recover.after-message", |p| p.delete_thin(tid))
+                            .map(|_| ())
                     },
                 );
             } else {

@@ -2,7 +2,7 @@
 //! device is discarded and deleted, then its record is deleted. With `async_remove`,
 //! Remove returns after the mark and Cleanup does the rest.
 
-use thinpool::RemoveMode;
+use thinpool::{failpoint::hit as fp, RemoveMode};
 use tracing::{info, instrument, warn};
 
 use super::{Error, Result, Snapshotter};
@@ -34,6 +34,7 @@ impl Snapshotter {
             tx.commit()?;
             (marked, record)
         };
+        fp("remove.after-mark");
         if self.config.async_remove {
             return Ok(());
         }
@@ -70,21 +71,22 @@ impl Snapshotter {
                 },
                 Err(e) => warn!(key = %record.key, error = %e, "cannot activate for discard"),
             }
+            fp("remove.after-discard");
         }
         self.pool
             .deactivate(id, RemoveMode::Now)
             .map_err(|e| match e {
-                thinpool::Error::Busy { device, detail } => Error::FailedPrecondition(format!(
-                    "cannot remove snapshot {:?}: its device {device} is in use ({detail})",
-                    record.key
-                )),
+                thinpool::Error::Busy { detail, .. } => busy(detail),
                 e => Error::Pool(e),
             })?;
-        let txn = self.pool_change(|p| p.delete_thin(id))?;
+        fp("remove.after-deactivate");
+        let txn = self.pool_change("remove.after-message", |p| p.delete_thin(id))?;
+        fp("remove.after-txn");
         let mut tx = self.store.write()?;
         tx.delete(&record.key, true)?;
         tx.set_meta("pool_txn", txn)?;
         tx.commit()?;
+        fp("remove.after-store");
         Ok(())
     }
 

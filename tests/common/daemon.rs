@@ -20,6 +20,8 @@ pub const SNAPSHOTTER: &str = "thinsnap";
 /// A running daemon; stopped, its pool destroyed and checked for leftovers on drop.
 pub struct Daemon {
     child: Option<Child>,
+    /// Extra environment for the next `spawn` (e.g. THINSNAP_FAILPOINT).
+    pub env: Vec<(String, String)>,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub socket: PathBuf,
@@ -58,6 +60,7 @@ impl Daemon {
         std::fs::write(&config, test_config(dir.path(), &pool, extra)).unwrap();
         let mut d = Daemon {
             child: None,
+            env: Vec::new(),
             socket: dir.path().join("thinsnap.sock"),
             config,
             pool,
@@ -95,6 +98,7 @@ impl Daemon {
             .arg("--log")
             .arg(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .arg("serve")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -120,6 +124,20 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Starts the daemon with `THINSNAP_FAILPOINT=point` (it kills itself there), without
+    /// waiting for it beyond its socket.
+    pub fn spawn_with_failpoint(&mut self, point: &str) {
+        self.env = vec![("THINSNAP_FAILPOINT".into(), point.into())];
+        self.spawn();
+        self.env.clear();
+    }
+
+    /// Waits for the daemon to exit by itself (e.g. at a failpoint) and returns its status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        child.wait().unwrap()
     }
 
     /// Stops the daemon with SIGTERM and waits; returns its exit status.

@@ -49,16 +49,15 @@ pub fn unique_pool_name() -> PoolName {
     PoolName::new(&format!("t{}_{n}", std::process::id())).unwrap()
 }
 
-/// Where tests keep their files: on the VM's scratch disk, so direct I/O works.
+/// Where tests keep their files: on the VM's scratch disk (`THINSNAP_SCRATCH`), so loop
+/// files sit on a real block device; elsewhere /var/tmp.
 pub fn scratch_dir() -> tempfile::TempDir {
-    let base = Path::new("/var/tmp");
+    let base = std::env::var_os("THINSNAP_SCRATCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
     tempfile::Builder::new()
         .prefix("thinsnap-test-")
-        .tempdir_in(if base.exists() {
-            base
-        } else {
-            Path::new("/tmp")
-        })
+        .tempdir_in(base)
         .unwrap()
 }
 

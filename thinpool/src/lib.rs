@@ -10,6 +10,7 @@
 pub mod cmd;
 pub mod dm;
 pub mod error;
+pub mod failpoint;
 pub mod fs;
 pub mod loopback;
 pub mod lvm;

@@ -24,7 +24,6 @@ use crate::{
 pub const SUPERBLOCK_MAGIC: u64 = 27022010;
 const SB_MAGIC: usize = 32;
 const SB_DEVICE_DETAILS_ROOT: usize = 328;
-const SB_METADATA_NR_BLOCKS: usize = 344;
 const NODE_FLAGS: usize = 4;
 const NODE_NR_ENTRIES: usize = 16;
 const NODE_MAX_ENTRIES: usize = 20;
@@ -54,7 +53,7 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn read(&self, blocknr: u64) -> Result<Box<Block>> {
-        if self.nr_blocks != 0 && blocknr >= self.nr_blocks {
+        if blocknr >= self.nr_blocks {
             return Err(self.corrupt(format!(
                 "block {blocknr} is beyond the {} metadata blocks",
                 self.nr_blocks
@@ -119,16 +118,17 @@ pub fn thin_ids(meta: &Path, superblock: u64) -> Result<BTreeSet<u32>> {
         .custom_flags(libc::O_DIRECT)
         .open(meta)
         .map_err(|e| Error::io("open metadata device", meta, e))?;
-    let mut reader = Reader {
+    // Bounds come from the device: the superblock's block count lags behind a grown device.
+    let nr_blocks = crate::dm::block_size_bytes(meta)? / META_BLOCK_BYTES;
+    let reader = Reader {
         file,
         path: meta,
-        nr_blocks: 0,
+        nr_blocks,
     };
     let sb = reader.read(superblock)?;
     if u64_at(&sb.0, SB_MAGIC) != SUPERBLOCK_MAGIC {
         return Err(reader.corrupt(format!("block {superblock} is not a thin-pool superblock")));
     }
-    reader.nr_blocks = u64_at(&sb.0, SB_METADATA_NR_BLOCKS);
     let root = u64_at(&sb.0, SB_DEVICE_DETAILS_ROOT);
     let mut ids = BTreeSet::new();
     reader.walk(root, 0, &mut ids)?;

@@ -380,6 +380,7 @@ impl ThinPool {
                     ));
                 }
                 info!(dm = %dm_name.to_string(), "re-adopted active loopback pool");
+                finish_interrupted_grow(&dm_name, table, &data, &meta)?;
                 return Ok(info.device());
             }
             let data_len = units::bytes_to_sectors(data.size()?);
@@ -616,13 +617,16 @@ impl ThinPool {
                         ));
                     }
                     meta.grow(m)?;
+                    crate::failpoint::hit("grow.after-metadata-file");
                 }
                 data.grow(data_bytes)?;
+                crate::failpoint::hit("grow.after-data-file");
                 let mut table = self.table()?;
                 let len = units::bytes_to_sectors(data_bytes);
                 table.length = Sectors(*len - *len % *table.block_size);
                 // Resuming with the new table makes the kernel pick up both new sizes.
                 dm::reload(&self.dm_name, &[table.line()])?;
+                crate::failpoint::hit("grow.after-reload");
                 info!(data = %units::format_size(data_bytes), "grew loopback pool");
                 Ok(())
             }
@@ -755,6 +759,38 @@ impl ThinPool {
             }
         }
     }
+}
+
+/// A grow interrupted after extending the files but before the table was reloaded leaves
+/// files larger than the live pool; reloading the table (resume picks up both sizes)
+/// finishes it.
+fn finish_interrupted_grow(
+    dm_name: &DmName,
+    mut table: PoolTable,
+    data: &LoopFile,
+    meta: &LoopFile,
+) -> Result<()> {
+    // The crash may have come between extending a file and telling its loop device.
+    let data_bytes = data.size()?;
+    let meta_bytes = meta.size()?;
+    data.grow(data_bytes)?;
+    meta.grow(meta_bytes)?;
+    let data_len = units::bytes_to_sectors(data_bytes);
+    let data_len = Sectors(*data_len - *data_len % *table.block_size);
+    let (_, line) = dm::status(dm_name)?;
+    let meta_total = match ThinPoolStatus::from_str(&line) {
+        Ok(ThinPoolStatus::Working(w)) => *w.usage.total_meta * META_BLOCK_BYTES,
+        _ => meta_bytes,
+    };
+    // The kernel uses whole metadata blocks, and at most 16 GiB of a larger device.
+    let meta_grown = meta_bytes / META_BLOCK_BYTES * META_BLOCK_BYTES > meta_total
+        && meta_total < 16 * GIB - 64 * units::MIB;
+    if data_len > table.length || meta_grown {
+        table.length = table.length.max(data_len);
+        dm::reload(dm_name, &[table.line()])?;
+        info!(dm = %dm_name.to_string(), data = %units::format_size(units::sectors_to_bytes(table.length)), "finished an interrupted pool grow");
+    }
+    Ok(())
 }
 
 fn check_sizes(data: u64, meta: u64, block_size: Sectors) -> Result<()> {

@@ -1,0 +1,327 @@
+//! Crash safety: for each named failpoint of Prepare (and the base device it formats),
+//! Commit, Remove and pool grow, the process is killed with SIGKILL at that point (the
+//! `failpoints` build, `THINSNAP_FAILPOINT`), restarted, and then:
+//! - `thinsnap check` finds the store and the pool in agreement (no thin id the store does
+//!   not know, no record without its device, no half-done operation left);
+//! - every committed snapshot's data is intact (checksums through a view);
+//! - the interrupted operation is either fully done or fully absent, and usable either way;
+//! - no dm device is left beyond the pool and what active snapshots need.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+
+use common::daemon::{Daemon, Labels, Mounted};
+use tonic::Code;
+
+const DATA: &str = "data.bin";
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    /// The first Prepare of a fresh pool: formats the base device.
+    PrepareFirst,
+    /// Prepare of a child of a committed snapshot, with a size label (grows the fs).
+    Prepare,
+    /// Commit of an active snapshot with data.
+    Commit,
+    /// Remove of a committed leaf snapshot.
+    Remove,
+    /// `thinsnap pool grow` (CLI process, daemon stopped).
+    Grow,
+}
+
+fn size_labels() -> Labels {
+    [(
+        "containerd.io/snapshot/thinsnap.size".to_string(),
+        "2G".to_string(),
+    )]
+    .into()
+}
+
+/// Writes a checksummed file into a new active snapshot `key` of `parent`.
+async fn write_layer(
+    d: &Daemon,
+    c: &mut common::daemon::Client,
+    key: &str,
+    parent: &str,
+    seed: u64,
+) -> String {
+    let m = c.prepare(key, parent).await.unwrap();
+    let mnt = Mounted::new(d.dir.path(), key, &m);
+    let sum = common::write_pattern(&mnt.path.join(DATA), 2 << 20, seed);
+    drop(mnt);
+    sum
+}
+
+/// Checks a committed snapshot's data through a temporary view.
+async fn assert_committed_data(d: &Daemon, c: &mut common::daemon::Client, name: &str, sum: &str) {
+    let view = format!("check-{name}");
+    let m = c.view(&view, name).await.unwrap();
+    let mnt = Mounted::new(d.dir.path(), &view, &m);
+    assert_eq!(
+        common::sha256_file(&mnt.path.join(DATA)),
+        sum,
+        "data of {name}"
+    );
+    drop(mnt);
+    c.remove(&view).await.unwrap();
+}
+
+/// Stops the daemon, runs `thinsnap check`, and starts it again.
+fn assert_check_clean(d: &mut Daemon) {
+    let status = d.stop().unwrap();
+    assert!(
+        status.success(),
+        "{status:?}: {}",
+        std::fs::read_to_string(d.log()).unwrap()
+    );
+    let out = d.cli(&["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "thinsnap check after recovery:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("store and pool agree"), "{text}");
+    d.spawn();
+}
+
+/// dm devices of the pool beyond the pool itself equal the active snapshots and views.
+async fn assert_no_extra_devices(d: &Daemon, c: &mut common::daemon::Client) {
+    let live = c.list(&["kind==active", "kind==view"]).await.unwrap().len();
+    let devices: Vec<String> = common::dm_devices_of(&d.pool)
+        .into_iter()
+        .filter(|n| !n.ends_with("-pool"))
+        .collect();
+    assert_eq!(
+        devices.len(),
+        live,
+        "devices {devices:?} vs {live} active snapshots/views"
+    );
+}
+
+async fn crash_at(point: &str, op: Op) {
+    let mut d = Daemon::start();
+    let mut c = d.client().await;
+    let mut committed = Vec::new();
+    if !matches!(op, Op::PrepareFirst) {
+        let sum = write_layer(&d, &mut c, "l1-active", "", 1).await;
+        c.commit("l1", "l1-active").await.unwrap();
+        committed.push(("l1".to_string(), sum));
+        let sum = write_layer(&d, &mut c, "l2-active", "l1", 2).await;
+        c.commit("l2", "l2-active").await.unwrap();
+        committed.push(("l2".to_string(), sum));
+        if matches!(op, Op::Commit) {
+            write_layer(&d, &mut c, "active", "l2", 3).await;
+        }
+    }
+    let status = d.stop().unwrap();
+    assert!(
+        status.success(),
+        "{status:?}: {}",
+        std::fs::read_to_string(d.log()).unwrap()
+    );
+
+    // The operation, killed at `point`.
+    let grow_to = 6u64 << 30;
+    if let Op::Grow = op {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_thinsnap"))
+            .arg("--config")
+            .arg(&d.config)
+            .args(["pool", "grow", "6G", "--metadata", "128M"])
+            .env("THINSNAP_FAILPOINT", point)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "failpoint {point} must kill `pool grow`: {out:?}"
+        );
+        d.spawn();
+    } else {
+        d.spawn_with_failpoint(point);
+        let mut c = d.client().await;
+        let res = match op {
+            Op::PrepareFirst => c.prepare("first", "").await.map(|_| ()),
+            Op::Prepare => c.prepare_with("new", "l2", size_labels()).await.map(|_| ()),
+            Op::Commit => c.commit("committed", "active").await,
+            Op::Remove => c.remove("l2").await,
+            Op::Grow => unreachable!(),
+        };
+        let err = res.expect_err("the daemon dies at the failpoint");
+        assert!(
+            matches!(
+                err.code(),
+                Code::Unavailable | Code::Unknown | Code::Internal
+            ),
+            "{err}"
+        );
+        let status = d.wait_exit();
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "failpoint {point} must be reached"
+        );
+        d.spawn();
+    }
+
+    // After recovery.
+    assert_check_clean(&mut d);
+    let mut c = d.client().await;
+    for (name, sum) in &committed {
+        if matches!(op, Op::Remove) && name == "l2" && c.stat(name).await.is_err() {
+            continue; // removed: fully done
+        }
+        assert_committed_data(&d, &mut c, name, sum).await;
+    }
+    match op {
+        Op::PrepareFirst => {
+            match c.stat("first").await {
+                Ok(i) => {
+                    assert_eq!(i.kind, 2);
+                    let m = c.mounts("first").await.unwrap();
+                    let mnt = Mounted::new(d.dir.path(), "first", &m);
+                    std::fs::write(mnt.path.join("x"), b"x").unwrap();
+                }
+                Err(e) => assert_eq!(e.code(), Code::NotFound),
+            }
+            // Either way a new snapshot gets a working base filesystem.
+            let m = c.prepare("second", "").await.unwrap();
+            let mnt = Mounted::new(d.dir.path(), "second", &m);
+            std::fs::write(mnt.path.join("y"), b"y").unwrap();
+        }
+        Op::Prepare => match c.stat("new").await {
+            Ok(i) => {
+                assert_eq!((i.kind, i.parent.as_str()), (2, "l2"));
+                let m = c.mounts("new").await.unwrap();
+                let mnt = Mounted::new(d.dir.path(), "new", &m);
+                assert_eq!(common::sha256_file(&mnt.path.join(DATA)), committed[1].1);
+                assert!(common::fs_size(&mnt.path) > 3 << 29, "grown to 2G");
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::NotFound);
+                // Absent: preparing it again works.
+                c.prepare_with("new", "l2", size_labels()).await.unwrap();
+            }
+        },
+        Op::Commit => {
+            let active = c.stat("active").await;
+            let done = c.stat("committed").await;
+            match (active, done) {
+                (Ok(a), Err(e)) => {
+                    assert_eq!(
+                        (a.kind, e.code()),
+                        (2, Code::NotFound),
+                        "not committed: still active"
+                    );
+                    let m = c.mounts("active").await.unwrap();
+                    drop(Mounted::new(d.dir.path(), "active", &m));
+                    c.commit("committed", "active").await.unwrap();
+                }
+                (Err(e), Ok(i)) => assert_eq!((e.code(), i.kind), (Code::NotFound, 3), "committed"),
+                (a, b) => panic!("half-committed: active {a:?}, committed {b:?}"),
+            }
+            let m = c.view("check-commit", "committed").await.unwrap();
+            let mnt = Mounted::new(d.dir.path(), "check-commit", &m);
+            assert!(mnt.path.join(DATA).exists());
+        }
+        Op::Remove => match c.stat("l2").await {
+            Ok(i) => {
+                assert_eq!(i.kind, 3, "not removed: intact and removable");
+                c.remove("l2").await.unwrap();
+            }
+            Err(e) => assert_eq!(e.code(), Code::NotFound),
+        },
+        Op::Grow => {
+            let out = d.cli(&["pool", "status", "--json"]);
+            assert!(
+                out.status.success(),
+                "pool status: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let total = v["data_total_bytes"].as_u64().unwrap();
+            assert!(
+                total == 4 << 30 || total == grow_to,
+                "data size {total}: neither old nor new"
+            );
+            if point != "grow.after-metadata-file" {
+                assert_eq!(
+                    total, grow_to,
+                    "the files were extended: the next open finishes the grow"
+                );
+            }
+            write_layer(&d, &mut c, "after-grow", "l2", 9).await;
+        }
+    }
+    assert_no_extra_devices(&d, &mut c).await;
+}
+
+macro_rules! crash_tests {
+    ($($name:ident: $point:literal, $op:expr;)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread")]
+            async fn $name() {
+                crash_at($point, $op).await;
+            }
+        )*
+
+        /// Every failpoint compiled into thinsnap is covered here, or listed as not reachable
+        /// from the outside.
+        #[test]
+        fn crash_tests_cover_every_failpoint() {
+            let tested: Vec<&str> = vec![$($point),*];
+            let unreachable = ["undo-create.after-message", "undo-base.after-message", "recover.after-message"];
+            // The sources are compiled in: the test runs in the VM, where they are not.
+            let sources = [
+                include_str!("../src/snapshotter/mod.rs"),
+                include_str!("../src/snapshotter/create.rs"),
+                include_str!("../src/snapshotter/commit.rs"),
+                include_str!("../src/snapshotter/remove.rs"),
+                include_str!("../src/snapshotter/recover.rs"),
+                include_str!("../src/snapshotter/query.rs"),
+                include_str!("../thinpool/src/pool.rs"),
+                include_str!("../thinpool/src/thin.rs"),
+            ];
+            let mut found = std::collections::BTreeSet::new();
+            for text in sources {
+                for part in text.split('"').skip(1).step_by(2) {
+                    if part.contains(".after-") && !part.contains(' ') {
+                        found.insert(part.to_string());
+                    }
+                }
+            }
+            assert!(found.len() >= 20, "found only {found:?}");
+            for p in &found {
+                assert!(tested.contains(&p.as_str()) || unreachable.contains(&p.as_str()), "failpoint {p} has no crash test");
+            }
+            assert!(tested.len() >= 20, "{} crash points", tested.len());
+        }
+    };
+}
+
+crash_tests! {
+    loop_crash_base_after_intent: "base.after-intent", Op::PrepareFirst;
+    loop_crash_base_after_message: "base.after-message", Op::PrepareFirst;
+    loop_crash_base_after_txn: "base.after-txn", Op::PrepareFirst;
+    loop_crash_base_after_mkfs: "base.after-mkfs", Op::PrepareFirst;
+    loop_crash_base_after_ready: "base.after-ready", Op::PrepareFirst;
+    loop_crash_create_after_intent: "create.after-intent", Op::Prepare;
+    loop_crash_create_after_message: "create.after-message", Op::Prepare;
+    loop_crash_create_after_txn: "create.after-txn", Op::Prepare;
+    loop_crash_create_after_activate: "create.after-activate", Op::Prepare;
+    loop_crash_create_after_grow: "create.after-grow", Op::Prepare;
+    loop_crash_create_after_ready: "create.after-ready", Op::Prepare;
+    loop_crash_commit_after_measure: "commit.after-measure", Op::Commit;
+    loop_crash_commit_after_deactivate: "commit.after-deactivate", Op::Commit;
+    loop_crash_commit_after_store: "commit.after-store", Op::Commit;
+    loop_crash_remove_after_mark: "remove.after-mark", Op::Remove;
+    loop_crash_remove_after_discard: "remove.after-discard", Op::Remove;
+    loop_crash_remove_after_deactivate: "remove.after-deactivate", Op::Remove;
+    loop_crash_remove_after_message: "remove.after-message", Op::Remove;
+    loop_crash_remove_after_txn: "remove.after-txn", Op::Remove;
+    loop_crash_remove_after_store: "remove.after-store", Op::Remove;
+    loop_crash_grow_after_metadata_file: "grow.after-metadata-file", Op::Grow;
+    loop_crash_grow_after_data_file: "grow.after-data-file", Op::Grow;
+    loop_crash_grow_after_reload: "grow.after-reload", Op::Grow;
+}
