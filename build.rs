@@ -6,7 +6,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .compile_protos(
-            &["proto/containerd/services/snapshots/v1/snapshots.proto"],
+            &[
+                "proto/containerd/services/snapshots/v1/snapshots.proto",
+                "proto/thinsnap/admin/v1/admin.proto",
+            ],
             &["proto", "/usr/include"],
         )?;
     Ok(())

@@ -5,6 +5,14 @@ use thinsnap::cli;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
+    if !matches!(cli.command, cli::Command::Serve) {
+        // Like other command-line tools, end quietly when the reader of our output goes
+        // away (`thinsnap snapshot list | head`). The daemon keeps Rust's default (ignored).
+        // SAFETY: setting a signal disposition before any threads exist.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     cli::init_logging(cli.log_filter());
     match cli::run(cli) {
         Ok(code) => code,

@@ -1,5 +1,6 @@
 //! The command line: `thinsnap <noun> <verb>`, one small file per noun.
 
+mod gc;
 mod pool;
 mod repair;
 mod snapshot;
@@ -51,6 +52,26 @@ pub enum Command {
     /// Reconcile the store with the pool: finish or roll back interrupted operations,
     /// delete orphaned thin devices, re-activate what active snapshots need.
     Repair,
+    /// Remove what containerd no longer references: finish pending removals, delete thin
+    /// devices no snapshot records, remove stale devices; prints what it freed.
+    Gc {
+        /// Only report what would be done.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print shell completions for bash, zsh, fish, elvish or powershell.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (thinsnap.1 and one per subcommand) into a directory.
+    Man {
+        /// Output directory.
+        dir: PathBuf,
+    },
     /// Benchmarks (run them on real device-mapper, e.g. in `vagrant/vm`).
     #[command(subcommand)]
     Bench(crate::bench::BenchCmd),
@@ -117,6 +138,21 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Snapshot(cmd) => snapshot::run(&cli.load_config()?, cmd),
         Command::Check => repair::run(&cli.load_config()?, false),
         Command::Repair => repair::run(&cli.load_config()?, true),
+        Command::Gc { dry_run, json } => gc::run(&cli.load_config()?, *dry_run, *json),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "thinsnap", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(cmd, dir)
+                .with_context(|| format!("cannot write man pages to {}", dir.display()))?;
+            println!("man pages written to {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(cmd) => crate::bench::run(cmd),
     }
 }

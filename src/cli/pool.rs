@@ -27,6 +27,8 @@ pub enum PoolCmd {
         #[arg(long)]
         metadata: Option<String>,
     },
+    /// Check the pool's metadata with thin_check (on a metadata snapshot of the live pool).
+    Check,
     /// Deactivate the pool and delete its storage (loopback files or LVM volume).
     Destroy {
         /// Destroy even if the metadata store records snapshots.
@@ -123,6 +125,20 @@ pub fn run(config: &Config, cmd: &PoolCmd) -> Result<ExitCode> {
                 units::format_size(cur),
                 units::format_size(pool.data_bytes()?)
             );
+        }
+        PoolCmd::Check => {
+            let pool = open(config)?;
+            match pool.check_metadata() {
+                Ok(report) => {
+                    print!("{report}");
+                    println!("pool {}: metadata is consistent", config.pool_name);
+                }
+                Err(e) => {
+                    eprintln!("pool {}: metadata check FAILED: {e}", config.pool_name);
+                    eprintln!("stop thinsnap and containerd, deactivate the pool, and repair it with thin_repair (see docs/operations.md)");
+                    return Ok(ExitCode::from(1));
+                }
+            }
         }
         PoolCmd::Destroy { force } => {
             let _lock = StateLock::acquire(&config.lock_path())?;

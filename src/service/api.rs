@@ -19,5 +19,17 @@ pub mod containerd {
     }
 }
 
+/// thinsnap's own packages.
+pub mod thinsnap {
+    /// `thinsnap.admin.v1`.
+    pub mod admin {
+        /// `thinsnap.admin.v1`.
+        pub mod v1 {
+            tonic::include_proto!("thinsnap.admin.v1");
+        }
+    }
+}
+
 pub use containerd::services::snapshots::v1 as snapshots;
 pub use containerd::types::Mount;
+pub use thinsnap::admin::v1 as admin;

@@ -6,7 +6,12 @@ use std::{collections::HashMap, path::Path};
 use anyhow::{Context, Result};
 use tonic::transport::{Channel, Endpoint};
 
-use super::api::{snapshots::snapshots_client::SnapshotsClient, snapshots::*, Mount};
+use super::api::{
+    admin::{admin_client::AdminClient, GcRequest, GcResponse},
+    snapshots::snapshots_client::SnapshotsClient,
+    snapshots::*,
+    Mount,
+};
 
 /// The snapshotter name sent with requests (thinsnap serves one pool).
 pub const SNAPSHOTTER: &str = "thinsnap";
@@ -15,6 +20,7 @@ pub const SNAPSHOTTER: &str = "thinsnap";
 pub struct Client {
     rt: tokio::runtime::Runtime,
     inner: SnapshotsClient<Channel>,
+    admin: AdminClient<Channel>,
 }
 
 fn status(e: tonic::Status) -> anyhow::Error {
@@ -52,7 +58,8 @@ impl Client {
             })?;
         Ok(Client {
             rt,
-            inner: SnapshotsClient::new(channel),
+            inner: SnapshotsClient::new(channel.clone()),
+            admin: AdminClient::new(channel),
         })
     }
 
@@ -197,6 +204,14 @@ impl Client {
             .map_err(status)?
             .into_inner();
         Ok((u.size, u.inodes))
+    }
+
+    /// thinsnap's garbage collection.
+    pub fn gc(&mut self, dry_run: bool) -> Result<GcResponse> {
+        self.rt
+            .block_on(self.admin.gc(GcRequest { dry_run }))
+            .map(|r| r.into_inner())
+            .map_err(status)
     }
 
     /// Cleanup.

@@ -337,7 +337,8 @@ pub async fn serve(snap: Arc<Snapshotter>, socket: &Path) -> Result<()> {
         .unwrap_or(0);
     info!(socket = %socket.display(), started, "serving containerd's Snapshots API");
     tonic::transport::Server::builder()
-        .add_service(SnapshotsServer::new(Service::new(snap)))
+        .add_service(SnapshotsServer::new(Service::new(snap.clone())))
+        .add_service(api::admin::admin_server::AdminServer::new(Admin { snap }))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
             shutdown_signal(term, int),
@@ -347,4 +348,31 @@ pub async fn serve(snap: Arc<Snapshotter>, socket: &Path) -> Result<()> {
     let _ = std::fs::remove_file(socket);
     info!("stopped");
     Ok(())
+}
+
+/// thinsnap's admin API over the same snapshotter.
+#[derive(Clone)]
+pub struct Admin {
+    snap: Arc<Snapshotter>,
+}
+
+#[tonic::async_trait]
+impl api::admin::admin_server::Admin for Admin {
+    async fn gc(
+        &self,
+        req: Request<api::admin::GcRequest>,
+    ) -> Result<Response<api::admin::GcResponse>, Status> {
+        let dry_run = req.into_inner().dry_run;
+        let snap = self.snap.clone();
+        let (report, freed) = tokio::task::spawn_blocking(move || snap.gc(dry_run))
+            .instrument(info_span!("request", method = "gc"))
+            .await
+            .map_err(|e| Status::internal(format!("gc panicked: {e}")))?
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(api::admin::GcResponse {
+            actions: report.actions,
+            problems: report.problems,
+            freed_bytes: freed,
+        }))
+    }
 }

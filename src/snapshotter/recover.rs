@@ -34,6 +34,24 @@ impl Snapshotter {
     /// When the pool's metadata or the store cannot be read; failures of individual
     /// repairs are reported as problems instead.
     pub fn recover(&self, apply: bool) -> Result<Report> {
+        self.reconcile(apply, true)
+    }
+
+    /// Garbage collection while serving: finishes pending removals, deletes thin devices
+    /// no record owns, removes stale devices. Unlike startup recovery it leaves records in
+    /// a trying state alone (they may be in flight). Returns the report and the data bytes
+    /// freed in the pool.
+    ///
+    /// # Errors
+    /// As [`Snapshotter::recover`].
+    pub fn gc(&self, dry_run: bool) -> Result<(Report, u64)> {
+        let before = self.pool.status()?.data_used_bytes();
+        let report = self.reconcile(!dry_run, false)?;
+        let after = self.pool.status()?.data_used_bytes();
+        Ok((report, before.saturating_sub(after)))
+    }
+
+    fn reconcile(&self, apply: bool, startup: bool) -> Result<Report> {
         let mut report = Report::default();
         let records = self.store.read()?.all()?;
         let bases = self.store.read()?.bases()?;
@@ -62,6 +80,9 @@ impl Snapshotter {
         };
 
         for b in &bases {
+            if b.state != State::Ready && !startup {
+                continue;
+            }
             if b.state != State::Ready {
                 act(
                     &mut report,
@@ -77,12 +98,13 @@ impl Snapshotter {
         }
         for r in &records {
             match r.state {
+                State::Creating if !startup => {}
                 State::Creating => act(
                     &mut report,
                     format!("roll back interrupted create of snapshot {:?} (thin id {})", r.key, r.thin_id),
                     &|| self.undo_create(r),
                 ),
-                State::Removing if !self.config.async_remove || !apply => act(
+                State::Removing if !startup || !self.config.async_remove || !apply => act(
                     &mut report,
                     format!("finish interrupted removal of snapshot {:?} (thin id {})", r.key, r.thin_id),
                     &|| self.finish_remove(r),
@@ -92,7 +114,7 @@ impl Snapshotter {
                     "snapshot {:?} records thin id {} but the pool has no such device: its data is lost; remove it with `thinsnap snapshot rm`",
                     r.key, r.thin_id
                 )),
-                State::Ready if r.kind != Kind::Committed && !active.contains_key(&r.thin_id) => act(
+                State::Ready if startup && r.kind != Kind::Committed && !active.contains_key(&r.thin_id) => act(
                     &mut report,
                     format!("re-activate {} snapshot {:?} (thin id {})", r.kind.as_str(), r.key, r.thin_id),
                     &|| self.activate(r).map(|_| ()),
@@ -110,6 +132,20 @@ impl Snapshotter {
             .into_iter()
             .map(|(id, _)| id)
             .collect();
+        // Removals above changed the pool: look again, or their ids would look orphaned.
+        let (in_pool, active) = if apply && !report.actions.is_empty() {
+            let in_pool: BTreeSet<u32> =
+                self.pool.thin_ids()?.into_iter().map(ThinId::get).collect();
+            let active: BTreeMap<u32, String> = self
+                .pool
+                .active_thins()?
+                .into_iter()
+                .map(|(id, name, _)| (id.get(), name.to_string()))
+                .collect();
+            (in_pool, active)
+        } else {
+            (in_pool, active)
+        };
         let next = self.store.read()?.meta("next_thin_id")? as u32;
         let wrapped = known.iter().any(|&id| id >= next);
         for &id in in_pool.difference(&known) {
@@ -139,7 +175,7 @@ impl Snapshotter {
                 });
             }
         }
-        if apply {
+        if apply && startup {
             let txn = *self.lock_txn();
             let mut tx = self.store.write()?;
             tx.set_meta("pool_txn", txn)?;

@@ -700,6 +700,16 @@ impl ThinPool {
         }
     }
 
+    /// Checks the live pool's metadata with `thin_check` on a metadata snapshot, returning
+    /// its report.
+    ///
+    /// # Errors
+    /// [`Error::Command`] with thin_check's findings when the metadata is damaged;
+    /// [`Error::Busy`] when someone else holds a metadata snapshot.
+    pub fn check_metadata(&self) -> Result<String> {
+        self.with_metadata_snapshot(|meta, _| crate::cmd::thin_check(meta, true))
+    }
+
     /// Deactivates the pool: removes its thin-pool device (loopback pools) and detaches its
     /// loop devices. Existing and LVM pools stay active; only this handle is dropped.
     ///
