@@ -29,6 +29,10 @@ pub enum PoolCmd {
     },
     /// Check the pool's metadata with thin_check (on a metadata snapshot of the live pool).
     Check,
+    /// Repair a pool the kernel made read-only or flagged needs_check (after an I/O or
+    /// metadata error): with thinsnap stopped and no container using the pool, check (and
+    /// if needed rebuild) its metadata and activate it again.
+    Repair,
     /// Deactivate the pool and delete its storage (loopback files or LVM volume).
     Destroy {
         /// Destroy even if the metadata store records snapshots.
@@ -56,7 +60,8 @@ pub fn run(config: &Config, cmd: &PoolCmd) -> Result<ExitCode> {
         PoolCmd::Status { json } => {
             let pool = open(config)?;
             let st = pool.status()?;
-            let n = pool.thin_ids()?.len();
+            // Counting needs a metadata snapshot, which a read-only pool cannot take.
+            let n = pool.thin_ids().map(|ids| ids.len()).ok();
             if *json {
                 println!(
                     "{}",
@@ -73,6 +78,7 @@ pub fn run(config: &Config, cmd: &PoolCmd) -> Result<ExitCode> {
                         "needs_check": st.needs_check,
                         "low_water_mark_blocks": st.low_water_mark.0,
                         "thin_devices": n,
+                        "active_thin_devices": pool.active_thins()?.len(),
                     })
                 );
             } else {
@@ -107,13 +113,17 @@ pub fn run(config: &Config, cmd: &PoolCmd) -> Result<ExitCode> {
                         st.low_water_mark.0 * units::sectors_to_bytes(st.block_size)
                     )
                 );
-                println!("thin devices    {n}");
+                match n {
+                    Some(n) => println!("thin devices    {n}"),
+                    None => println!("thin devices    unknown (the pool is not writable)"),
+                }
             }
         }
         PoolCmd::Grow { data, metadata } => {
             let pool = open(config)?;
             let cur = pool.data_bytes()?;
             let new = match data.strip_prefix('+') {
+                Some("0") => cur,
                 Some(add) => cur + units::parse_size(add)?,
                 None => units::parse_size(data)?,
             };
@@ -139,6 +149,42 @@ pub fn run(config: &Config, cmd: &PoolCmd) -> Result<ExitCode> {
                     return Ok(ExitCode::from(1));
                 }
             }
+        }
+        PoolCmd::Repair => {
+            let _lock = StateLock::acquire(&config.lock_path())?;
+            let pool = open(config)?;
+            let before = pool.status()?;
+            // Devices only active for active snapshots go; the daemon re-activates them.
+            for (id, name, dev) in pool.active_thins()? {
+                let mounts = thinpool::fs::mounts_of(dev)?;
+                if !mounts.is_empty() {
+                    bail!(
+                        "{} is mounted at {}: stop the containers using the pool first",
+                        &*name,
+                        mounts[0].display()
+                    );
+                }
+                pool.deactivate(id, thinpool::RemoveMode::Now)?;
+            }
+            let (pool, report) = pool.repair()?;
+            print!("{report}");
+            let after = pool.status()?;
+            println!(
+                "pool {}: {}{} -> {}{}; start thinsnap again to re-activate active snapshots",
+                config.pool_name,
+                before.mode,
+                if before.needs_check {
+                    " (needs_check)"
+                } else {
+                    ""
+                },
+                after.mode,
+                if after.needs_check {
+                    " (needs_check)"
+                } else {
+                    ""
+                }
+            );
         }
         PoolCmd::Destroy { force } => {
             let _lock = StateLock::acquire(&config.lock_path())?;

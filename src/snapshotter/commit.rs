@@ -49,28 +49,40 @@ impl Snapshotter {
             self.pool.deactivate(id, RemoveMode::Deferred)?;
         }
         fp("commit.after-deactivate");
-        let mut tx = self.store.write()?;
-        if tx.get(name)?.is_some() {
-            return Err(Error::AlreadyExists(format!(
-                "snapshot {name:?} already exists"
-            )));
+        let stored = (|| -> Result<()> {
+            let mut tx = self.store.write()?;
+            if tx.get(name)?.is_some() {
+                return Err(Error::AlreadyExists(format!(
+                    "snapshot {name:?} already exists"
+                )));
+            }
+            match tx.get(key)? {
+                Some(r) if r.state == State::Ready && r.kind == Kind::Active => {}
+                _ => return Err(Error::NotFound(format!("snapshot {key:?} does not exist"))),
+            }
+            tx.delete(key, false)?;
+            let now = now_ns();
+            let mut committed = record.clone();
+            committed.key = name.to_string();
+            committed.kind = Kind::Committed;
+            committed.labels = labels;
+            committed.created_ns = now;
+            committed.updated_ns = now;
+            committed.usage = Some(usage);
+            committed.committed_from = Some(key.to_string());
+            tx.put(&committed)?;
+            tx.commit()?;
+            Ok(())
+        })();
+        if let Err(e) = stored {
+            // Lost a race (e.g. another commit took the name): the snapshot is still active,
+            // so its device must be too.
+            if matches!(self.store.read()?.get(key)?, Some(r) if r.state == State::Ready && r.kind == Kind::Active)
+            {
+                self.activate(&record)?;
+            }
+            return Err(e);
         }
-        match tx.get(key)? {
-            Some(r) if r.state == State::Ready && r.kind == Kind::Active => {}
-            _ => return Err(Error::NotFound(format!("snapshot {key:?} does not exist"))),
-        }
-        tx.delete(key, false)?;
-        let now = now_ns();
-        let mut committed = record;
-        committed.key = name.to_string();
-        committed.kind = Kind::Committed;
-        committed.labels = labels;
-        committed.created_ns = now;
-        committed.updated_ns = now;
-        committed.usage = Some(usage);
-        committed.committed_from = Some(key.to_string());
-        tx.put(&committed)?;
-        tx.commit()?;
         fp("commit.after-store");
         Ok(())
     }

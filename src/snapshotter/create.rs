@@ -63,6 +63,9 @@ impl Snapshotter {
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
         validate_key("snapshot key", key)?;
+        if !parent.is_empty() {
+            validate_key("parent key", parent)?;
+        }
         validate_labels(&labels)?;
         if let Some(target) = labels.get(REF_LABEL) {
             let existing = self.store.read()?.get(target)?;

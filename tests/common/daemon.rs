@@ -22,25 +22,25 @@ pub struct Daemon {
     child: Option<Child>,
     /// Extra environment for the next `spawn` (e.g. THINSNAP_FAILPOINT).
     pub env: Vec<(String, String)>,
+    /// Whether the pool is the daemon's own loopback pool, destroyed and checked on drop.
+    pub owns_pool: bool,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub socket: PathBuf,
     pub pool: PoolName,
 }
 
-/// Configuration of a test daemon: a 4 GiB loopback pool, 1 GiB snapshots, plus `extra`.
-pub fn test_config(dir: &Path, pool: &PoolName, extra: &str) -> String {
+/// Configuration of a test daemon: 1 GiB snapshots, plus top-level lines `extra`, and a
+/// pool section: `pool` lines (default: a loopback pool of 4 GiB data, 64 MiB metadata).
+pub fn test_config(dir: &Path, name: &PoolName, extra: &str, pool: Option<&str>) -> String {
+    let pool = pool.unwrap_or("[pool.loopback]\ndata_size = \"4G\"\nmetadata_size = \"64M\"");
+    let size = if extra.contains("default_size") {
+        ""
+    } else {
+        "default_size = \"1G\""
+    };
     format!(
-        r#"state_dir = "{dir}/state"
-socket = "{dir}/thinsnap.sock"
-default_size = "1G"
-{extra}
-[pool]
-name = "{pool}"
-[pool.loopback]
-data_size = "4G"
-metadata_size = "64M"
-"#,
+        "state_dir = \"{dir}/state\"\nsocket = \"{dir}/thinsnap.sock\"\n{size}\n{extra}\n[pool]\nname = \"{name}\"\n{pool}\n",
         dir = dir.display()
     )
 }
@@ -53,14 +53,21 @@ impl Daemon {
 
     /// Starts a daemon with top-level configuration lines `extra` added.
     pub fn start_with(extra: &str) -> Daemon {
+        Self::start_custom(extra, None)
+    }
+
+    /// Starts a daemon with top-level lines `extra` and pool lines `pool` (see
+    /// [`test_config`]). A pool that is not a loopback pool is not destroyed on drop.
+    pub fn start_custom(extra: &str, pool_lines: Option<&str>) -> Daemon {
         require_dm();
         let dir = scratch_dir();
         let pool = unique_pool_name();
         let config = dir.path().join("config.toml");
-        std::fs::write(&config, test_config(dir.path(), &pool, extra)).unwrap();
+        std::fs::write(&config, test_config(dir.path(), &pool, extra, pool_lines)).unwrap();
         let mut d = Daemon {
             child: None,
             env: Vec::new(),
+            owns_pool: pool_lines.is_none_or(|p| !p.contains("source")),
             socket: dir.path().join("thinsnap.sock"),
             config,
             pool,
@@ -175,6 +182,14 @@ impl Drop for Daemon {
         }
         for m in mounts_under(self.dir.path()).into_iter().rev() {
             let _ = thinpool::fs::umount(&m);
+        }
+        if !self.owns_pool {
+            // Someone else's pool: deactivate our devices, leave the pool to its owner.
+            for name in super::dm_devices_of(&self.pool) {
+                let n = devicemapper::DmNameBuf::new(name).unwrap();
+                let _ = thinpool::dm::remove(&n, thinpool::RemoveMode::Now);
+            }
+            return;
         }
         let out = self.cli(&["pool", "destroy", "--force"]);
         if !std::thread::panicking() {

@@ -22,6 +22,8 @@ pub const RESIZE2FS: &str = "resize2fs";
 pub const XFS_GROWFS: &str = "xfs_growfs";
 /// Thin-pool metadata checker.
 pub const THIN_CHECK: &str = "thin_check";
+/// Thin-pool metadata repairer.
+pub const THIN_REPAIR: &str = "thin_repair";
 /// LVM's multi-call binary.
 pub const LVM: &str = "lvm";
 
@@ -41,7 +43,7 @@ pub fn find(program: &str) -> Result<PathBuf> {
             hint: Hint(Some(match program {
                 MKFS_EXT4 | RESIZE2FS => "install e2fsprogs",
                 MKFS_XFS | XFS_GROWFS => "install xfsprogs",
-                THIN_CHECK => "install thin-provisioning-tools",
+                THIN_CHECK | THIN_REPAIR => "install thin-provisioning-tools",
                 LVM => "install lvm2",
                 _ => "install it",
             })),
@@ -163,6 +165,40 @@ pub fn thin_check(meta: &Path, metadata_snap: bool) -> Result<String> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     ))
+}
+
+/// Checks the metadata of an inactive pool on `meta` and, when it is sound, clears the
+/// `needs_check` flag the kernel set after an I/O error.
+///
+/// # Errors
+/// [`Error::Command`] with thin_check's findings when the metadata is damaged.
+pub fn thin_check_clear(meta: &Path) -> Result<String> {
+    let out = run(
+        THIN_CHECK,
+        [OsStr::new("--clear-needs-check-flag"), meta.as_os_str()],
+    )?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+/// Rebuilds damaged metadata from `from` into the (larger or equal, zeroed) device `to`.
+///
+/// # Errors
+/// [`Error::Command`] when thin_repair cannot salvage it.
+pub fn thin_repair(from: &Path, to: &Path) -> Result<()> {
+    run(
+        THIN_REPAIR,
+        [
+            OsStr::new("-i"),
+            from.as_os_str(),
+            OsStr::new("-o"),
+            to.as_os_str(),
+        ],
+    )
+    .map(|_| ())
 }
 
 /// Runs an `lvm` subcommand (e.g. `["lvcreate", ...]`) and returns its standard output.

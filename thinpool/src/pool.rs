@@ -710,6 +710,115 @@ impl ThinPool {
         self.with_metadata_snapshot(|meta, _| crate::cmd::thin_check(meta, true))
     }
 
+    /// Repairs a pool the kernel put in read-only mode or flagged `needs_check` (after an
+    /// I/O error or a metadata problem): with every thin device of the pool inactive, the
+    /// pool device is removed, its metadata checked with `thin_check` (which clears the
+    /// flag when the metadata is sound), or for loopback pools rebuilt with `thin_repair`
+    /// into a new file (the old one is kept as `metadata.broken-<time>`), and the pool is
+    /// activated again with the same table. LVM pools are repaired with
+    /// `lvconvert --repair`. Returns a report of what was done.
+    ///
+    /// # Errors
+    /// [`Error::Busy`] while thin devices of the pool are active; [`Error::Command`] when the
+    /// metadata cannot be salvaged (the pool stays inactive; the error says what to do).
+    #[instrument(level = "info", skip(self), fields(pool = %self.name))]
+    pub fn repair(self) -> Result<(ThinPool, String)> {
+        let active = self.active_thins()?;
+        if !active.is_empty() {
+            return Err(Error::Busy {
+                device: self.dm_name.to_string(),
+                detail: format!(
+                    "{} thin device(s) of the pool are active (e.g. {}): stop the containers using them and deactivate them first",
+                    active.len(),
+                    &*active[0].1
+                ),
+            });
+        }
+        let mut report = String::new();
+        if let Backing::Lvm(p) = &self.backing {
+            crate::cmd::lvm(&["lvchange", "-an", &format!("{}/{}", p.vg, p.lv)])?;
+            crate::cmd::lvm(&["lvconvert", "--repair", "-y", &format!("{}/{}", p.vg, p.lv)])?;
+            crate::cmd::lvm(&["lvchange", "-ay", &format!("{}/{}", p.vg, p.lv)])?;
+            report.push_str("LVM repaired the pool (lvconvert --repair)\n");
+            return Ok((self, report));
+        }
+        let mut table = self.table()?;
+        let uuid = dm::info(&self.dm_name)?.and_then(|i| i.uuid().map(|u| u.to_owned()));
+        dm::remove(&self.dm_name, dm::RemoveMode::Now)?;
+        let meta_node = dm::devnode(table.meta)?;
+        report.push_str(&format!("deactivated {}\n", &*self.dm_name));
+        match crate::cmd::thin_check_clear(&meta_node) {
+            Ok(out) => report.push_str(&format!(
+                "thin_check: metadata is sound; needs_check cleared\n{out}"
+            )),
+            Err(check) => {
+                let Backing::Loopback { dir, meta, .. } = &self.backing else {
+                    return Err(Error::with_rollback(check, Err(Error::Unsupported {
+                        op: "automatic metadata repair",
+                        what: format!("existing dm pool {}", &*self.dm_name),
+                        hint: Hint(Some("run thin_repair onto a spare device and reload the pool's table with it")),
+                    })));
+                };
+                report.push_str(&format!("thin_check found damage: {check}\n"));
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let fresh = dir.join("metadata.repaired");
+                let _ = fs::remove_file(&fresh);
+                loopback::create_sparse(&fresh, meta.size()?)?;
+                let target = loopback::attach(&fresh, false)?;
+                let repaired = crate::cmd::thin_repair(&meta.dev_path, &target.dev_path);
+                target.detach()?;
+                repaired?;
+                meta.detach()?;
+                let broken = dir.join(format!("metadata.broken-{stamp}"));
+                fs::rename(&meta.file, &broken).map_err(|e| Error::io("rename", &meta.file, e))?;
+                fs::rename(&fresh, &meta.file).map_err(|e| Error::io("rename", &fresh, e))?;
+                let new_meta = loopback::attach(&meta.file, true)?;
+                table.meta = new_meta.device;
+                report.push_str(&format!(
+                    "thin_repair rebuilt the metadata; the damaged copy is {}\n",
+                    broken.display()
+                ));
+                dm::create(&self.dm_name, uuid.as_deref(), &[table.line()])?;
+                report.push_str(&format!("re-activated {}\n", &*self.dm_name));
+                let ThinPool {
+                    name,
+                    dm_name,
+                    block_size,
+                    backing,
+                    ..
+                } = self;
+                let Backing::Loopback { dir, data, .. } = backing else {
+                    unreachable!()
+                };
+                let info = dm::info(&dm_name)?
+                    .ok_or_else(|| Error::invalid(dm_name.to_string(), "vanished"))?;
+                return Ok((
+                    ThinPool {
+                        name,
+                        device: info.device(),
+                        dm_name,
+                        block_size,
+                        backing: Backing::Loopback {
+                            dir,
+                            data,
+                            meta: new_meta,
+                        },
+                        msg_lock: Mutex::new(()),
+                    },
+                    report,
+                ));
+            }
+        }
+        let info = dm::create(&self.dm_name, uuid.as_deref(), &[table.line()])?;
+        report.push_str(&format!("re-activated {}\n", &*self.dm_name));
+        let mut pool = self;
+        pool.device = info.device();
+        Ok((pool, report))
+    }
+
     /// Deactivates the pool: removes its thin-pool device (loopback pools) and detaches its
     /// loop devices. Existing and LVM pools stay active; only this handle is dropped.
     ///
