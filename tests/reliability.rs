@@ -35,14 +35,18 @@ fn data_used_fraction(d: &Daemon) -> f64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn loop_near_full_data_refuses_prepare_until_grown() {
-    let d = Daemon::start_with("min_free_space = \"25%\"\ndefault_size = \"4G\"");
+    // A 1 GiB pool keeps the filling short under emulation.
+    let d = Daemon::start_custom(
+        "min_free_space = \"25%\"\ndefault_size = \"2G\"",
+        Some("[pool.loopback]\ndata_size = \"1G\"\nmetadata_size = \"64M\""),
+    );
     let mut c = d.client().await;
     let m = c.prepare("filler", "").await.unwrap();
     let mnt = Mounted::new(d.dir.path(), "filler", &m);
     // Fill past 75% of the 4 GiB pool through a file.
     let mut i = 0;
     while data_used_fraction(&d) < 0.78 {
-        common::write_pattern(&mnt.path.join(format!("f{i}")), 256 << 20, i);
+        common::write_pattern(&mnt.path.join(format!("f{i}")), 64 << 20, i);
         i += 1;
     }
     let err = c.prepare("refused", "").await.unwrap_err();
@@ -59,7 +63,7 @@ async fn loop_near_full_data_refuses_prepare_until_grown() {
     // The running container keeps writing.
     common::write_pattern(&mnt.path.join("still-writing"), 16 << 20, 99);
 
-    ok(d.cli(&["pool", "grow", "+4G"]));
+    ok(d.cli(&["pool", "grow", "+1G"]));
     c.prepare("after-grow", "").await.unwrap();
 }
 
@@ -108,11 +112,15 @@ async fn loop_near_full_metadata_refuses_prepare_until_grown() {
 #[tokio::test(flavor = "multi_thread")]
 async fn loop_out_of_space_pool_is_reported_and_recovers_by_growing() {
     // No threshold: the pool is allowed to fill completely.
-    let d = Daemon::start_with("min_free_space = \"0%\"\ndefault_size = \"8G\"");
+    let d = Daemon::start_custom(
+        "min_free_space = \"0%\"\ndefault_size = \"2G\"",
+        Some("[pool.loopback]\ndata_size = \"1G\"\nmetadata_size = \"64M\""),
+    );
     let mut c = d.client().await;
     let m = c.prepare("filler", "").await.unwrap();
     let dev = std::path::PathBuf::from(&m[0].source);
-    let err = common::write_direct(&dev, 1 << 30, 6 << 30).expect_err("4 GiB pool, 6 GiB written");
+    let err =
+        common::write_direct(&dev, 512 << 20, 1536 << 20).expect_err("1 GiB pool, 1.5 GiB written");
     assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
     let st: serde_json::Value =
         serde_json::from_str(&ok(d.cli(&["pool", "status", "--json"]))).unwrap();
@@ -121,11 +129,11 @@ async fn loop_out_of_space_pool_is_reported_and_recovers_by_growing() {
     assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
     assert!(err.message().contains("out of data space"), "{err}");
 
-    ok(d.cli(&["pool", "grow", "+8G"]));
+    ok(d.cli(&["pool", "grow", "+2G"]));
     let st: serde_json::Value =
         serde_json::from_str(&ok(d.cli(&["pool", "status", "--json"]))).unwrap();
     assert_eq!(st["mode"], "rw");
-    common::write_direct(&dev, 1 << 30, 1 << 30).expect("writes work after growing");
+    common::write_direct(&dev, 512 << 20, 512 << 20).expect("writes work after growing");
     c.prepare("after-grow", "").await.unwrap();
 }
 
