@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod image;
 pub mod service;
 pub mod snapshotter;
 pub mod store;

@@ -74,6 +74,7 @@ fn cli(args: &[&str]) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "phase 1 of the power-cut stage of vagrant/test (the VM is killed during it)"]
+#[allow(clippy::zombie_processes)] // the daemon runs until the power cut
 async fn powercut_phase1_write_until_killed() {
     common::require_dm();
     assert!(

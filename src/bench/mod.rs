@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod import;
 mod snapshots;
 
 use anyhow::{bail, Context, Result};
@@ -40,6 +41,9 @@ pub enum BenchCmd {
     /// started for the purpose, with 10, 1,000 and 10,000 committed snapshots present, and
     /// the daemon's RSS.
     Snapshots(SnapshotsBench),
+    /// Import a generated ~200 MB, ~20,000-file image through the running daemon (global
+    /// --config) and compare with tar extracting the same layers onto a fresh snapshot.
+    Import(import::ImportBench),
 }
 
 /// Options of the Snapshots API benchmark.
@@ -98,6 +102,8 @@ pub fn run(cmd: &BenchCmd) -> Result<ExitCode> {
             &dir.clone().unwrap_or_else(scratch),
         ),
         BenchCmd::Snapshots(opts) => crate::bench::snapshots::run(opts),
+        // Needs the configuration: the CLI dispatches it (crate::cli::run).
+        BenchCmd::Import(_) => bail!("`bench import` runs through the thinsnap CLI"),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The command line: `thinsnap <noun> <verb>`, one small file per noun.
 
 mod gc;
+mod image;
 mod pool;
 mod repair;
 mod snapshot;
@@ -52,6 +53,9 @@ pub enum Command {
     /// Reconcile the store with the pool: finish or roll back interrupted operations,
     /// delete orphaned thin devices, re-activate what active snapshots need.
     Repair,
+    /// Import and export images
+    #[command(subcommand)]
+    Image(image::ImageCmd),
     /// Remove what containerd no longer references: finish pending removals, delete thin
     /// devices no snapshot records, remove stale devices; prints what it freed.
     Gc {
@@ -138,6 +142,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Snapshot(cmd) => snapshot::run(&cli.load_config()?, cmd),
         Command::Check => repair::run(&cli.load_config()?, false),
         Command::Repair => repair::run(&cli.load_config()?, true),
+        Command::Image(cmd) => image::run(&cli.load_config()?, cmd),
+        Command::Bench(crate::bench::BenchCmd::Import(opts)) => {
+            crate::bench::import::run(&cli.load_config()?, opts)
+        }
         Command::Gc { dry_run, json } => gc::run(&cli.load_config()?, *dry_run, *json),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
