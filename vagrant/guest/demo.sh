@@ -59,6 +59,8 @@ run $T snapshot umount /mnt/work
 run $T snapshot umount /mnt/look
 run $T snapshot rm container-a container-b layer-2 layer-1
 run $T snapshot list
+run $T gc --dry-run
+run $T pool check
 kill -TERM $pid; wait $pid || true
 say "With the daemon stopped, check that the store and the pool agree"
 run $T check
