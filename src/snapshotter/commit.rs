@@ -43,10 +43,10 @@ impl Snapshotter {
         let id = Self::thin_id(&record)?;
         let usage = self.measure(&record)?;
         fp("commit.after-measure");
-        if let Err(e) = self.pool.deactivate(id, RemoveMode::Now) {
+        if let Err(e) = self.deactivate(id, RemoveMode::Now) {
             // Still mounted somewhere: the device goes away when it is unmounted.
             warn!(key, error = %e, "committed device still in use; removing it when released");
-            self.pool.deactivate(id, RemoveMode::Deferred)?;
+            self.deactivate(id, RemoveMode::Deferred)?;
         }
         fp("commit.after-deactivate");
         let stored = (|| -> Result<()> {

@@ -171,7 +171,7 @@ impl Snapshotter {
     /// Rolls back a create: deactivate and delete the thin device, delete the record.
     pub(super) fn undo_create(&self, record: &Record) -> Result<()> {
         let id = Self::thin_id(record)?;
-        self.pool.deactivate(id, RemoveMode::Now)?;
+        self.deactivate(id, RemoveMode::Now)?;
         let txn = self.pool_change("undo-create.after-message", |p| p.delete_thin(id))?;
         let mut tx = self.store.write()?;
         tx.delete(&record.key, true)?;
@@ -245,7 +245,7 @@ impl Snapshotter {
             let dev = self.activate(&record)?;
             self.fs().mkfs(&dev.devnode, &self.config.mkfs_options)?;
             fp("base.after-mkfs");
-            self.pool.deactivate(id, RemoveMode::Now)?;
+            self.deactivate(id, RemoveMode::Now)?;
             let mut done = record.clone();
             done.state = State::Ready;
             done.txn = txn;
@@ -273,7 +273,7 @@ impl Snapshotter {
     /// Deletes a half-made base device and its record.
     pub(super) fn undo_base(&self, record: &Record) -> Result<()> {
         let id = Self::thin_id(record)?;
-        self.pool.deactivate(id, RemoveMode::Now)?;
+        self.deactivate(id, RemoveMode::Now)?;
         let txn = self.pool_change("undo-base.after-message", |p| p.delete_thin(id))?;
         let mut tx = self.store.write()?;
         tx.delete_base(&record.fs)?;

@@ -93,6 +93,8 @@ pub struct Snapshotter {
     txn: Mutex<u64>,
     /// Serializes creation of base devices.
     base_lock: Mutex<()>,
+    /// Striped locks serializing device changes per thin id.
+    id_locks: Vec<Mutex<()>>,
 }
 
 impl Snapshotter {
@@ -115,6 +117,7 @@ impl Snapshotter {
             store,
             txn: Mutex::new(txn),
             base_lock: Mutex::new(()),
+            id_locks: (0..64).map(|_| Mutex::new(())).collect(),
         })
     }
 
@@ -170,11 +173,36 @@ impl Snapshotter {
         Ok(ThinId::new(record.thin_id)?)
     }
 
+    /// Serializes device changes of one thin id (striped), so a concurrent activation
+    /// and deactivation of the same device cannot interleave inside the kernel calls.
+    fn id_lock(&self, id: ThinId) -> MutexGuard<'_, ()> {
+        self.id_locks[id.get() as usize % self.id_locks.len()]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Activates a record's device. If that fails because the snapshot went away
+    /// meanwhile (a concurrent Remove), the answer is NotFound, not a kernel error.
     fn activate(&self, record: &Record) -> Result<ActiveThin> {
-        Ok(self.pool.activate(
-            Self::thin_id(record)?,
-            thinpool::units::bytes_to_sectors(record.size),
-        )?)
+        let id = Self::thin_id(record)?;
+        let res = {
+            let _g = self.id_lock(id);
+            self.pool
+                .activate(id, thinpool::units::bytes_to_sectors(record.size))
+        };
+        res.or_else(|e| match self.store.read()?.get(&record.key)? {
+            Some(r) if r.state != crate::store::State::Removing => Err(Error::Pool(e)),
+            _ => Err(Error::NotFound(format!(
+                "snapshot {:?} does not exist (it was removed)",
+                record.key
+            ))),
+        })
+    }
+
+    /// Deactivates thin device `id` under its id lock.
+    fn deactivate(&self, id: ThinId, mode: thinpool::RemoveMode) -> thinpool::Result<()> {
+        let _g = self.id_lock(id);
+        self.pool.deactivate(id, mode)
     }
 
     fn mounts_for(&self, record: &Record, dev: &ActiveThin) -> Vec<Mount> {

@@ -51,17 +51,23 @@ impl Snapshotter {
         Ok((report, before.saturating_sub(after)))
     }
 
-    fn reconcile(&self, apply: bool, startup: bool) -> Result<Report> {
-        let mut report = Report::default();
-        let records = self.store.read()?.all()?;
-        let bases = self.store.read()?.bases()?;
-        let in_pool: BTreeSet<u32> = self.pool.thin_ids()?.into_iter().map(ThinId::get).collect();
-        let active: BTreeMap<u32, String> = self
+    /// The thin ids the pool's metadata holds, and the pool's active thin devices by id.
+    fn kernel_view(&self) -> Result<(BTreeSet<u32>, BTreeMap<u32, String>)> {
+        let in_pool = self.pool.thin_ids()?.into_iter().map(ThinId::get).collect();
+        let active = self
             .pool
             .active_thins()?
             .into_iter()
             .map(|(id, name, _)| (id.get(), name.to_string()))
             .collect();
+        Ok((in_pool, active))
+    }
+
+    fn reconcile(&self, apply: bool, startup: bool) -> Result<Report> {
+        let mut report = Report::default();
+        let records = self.store.read()?.all()?;
+        let bases = self.store.read()?.bases()?;
+        let (in_pool, active) = self.kernel_view()?;
         let act = |report: &mut Report, line: String, f: &dyn Fn() -> Result<()>| {
             if apply {
                 match f() {
@@ -134,15 +140,7 @@ impl Snapshotter {
             .collect();
         // Removals above changed the pool: look again, or their ids would look orphaned.
         let (in_pool, active) = if apply && !report.actions.is_empty() {
-            let in_pool: BTreeSet<u32> =
-                self.pool.thin_ids()?.into_iter().map(ThinId::get).collect();
-            let active: BTreeMap<u32, String> = self
-                .pool
-                .active_thins()?
-                .into_iter()
-                .map(|(id, name, _)| (id.get(), name.to_string()))
-                .collect();
-            (in_pool, active)
+            self.kernel_view()?
         } else {
             (in_pool, active)
         };

@@ -73,12 +73,10 @@ impl Snapshotter {
             }
             fp("remove.after-discard");
         }
-        self.pool
-            .deactivate(id, RemoveMode::Now)
-            .map_err(|e| match e {
-                thinpool::Error::Busy { detail, .. } => busy(detail),
-                e => Error::Pool(e),
-            })?;
+        self.deactivate(id, RemoveMode::Now).map_err(|e| match e {
+            thinpool::Error::Busy { detail, .. } => busy(detail),
+            e => Error::Pool(e),
+        })?;
         fp("remove.after-deactivate");
         let txn = self.pool_change("remove.after-message", |p| p.delete_thin(id))?;
         fp("remove.after-txn");
