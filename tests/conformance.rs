@@ -53,10 +53,8 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use common::daemon::{Client, Daemon, Labels, Mounted, SNAPSHOTTER};
-use containerd_client::services::v1::snapshots::{
-    Info, Kind, UpdateSnapshotRequest, ViewSnapshotRequest,
-};
+use common::daemon::{labels, Client, Daemon, Labels, Mounted, SNAPSHOTTER};
+use containerd_client::services::v1::snapshots::{Info, Kind, UpdateSnapshotRequest};
 use containerd_client::types::Mount;
 use sha2::Digest;
 use tonic::Code;
@@ -68,12 +66,6 @@ const COMMITTED: i32 = Kind::Committed as i32;
 
 fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
     r.unwrap_err().code()
-}
-
-fn labels(kv: &[(&str, &str)]) -> Labels {
-    kv.iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 /// Now as RFC 3339 in UTC, to the second (Go's `time.RFC3339` of a UTC time).
@@ -342,7 +334,7 @@ impl Suite {
 
     async fn view(&mut self, key: &str, parent: &str) -> Result<Vec<Mount>, tonic::Status> {
         let opt = self.opt.clone();
-        view_with(&mut self.c, key, parent, opt).await
+        self.c.view_with(key, parent, opt).await
     }
 
     async fn commit(&mut self, name: &str, key: &str) -> Result<(), tonic::Status> {
@@ -423,24 +415,6 @@ impl Suite {
         }
         fs::remove_dir_all(&flat).unwrap();
     }
-}
-
-async fn view_with(
-    c: &mut Client,
-    key: &str,
-    parent: &str,
-    labels: Labels,
-) -> Result<Vec<Mount>, tonic::Status> {
-    let r = c
-        .inner
-        .view(ViewSnapshotRequest {
-            snapshotter: SNAPSHOTTER.into(),
-            key: key.into(),
-            parent: parent.into(),
-            labels,
-        })
-        .await?;
-    Ok(r.into_inner().mounts)
 }
 
 /// Update with the whole `info` sent, as containerd's proxy does.
@@ -771,7 +745,7 @@ async fn loop_conformance_walk() {
     // Active
     c.prepare_with("a", "p", opt.clone()).await.unwrap();
     // View
-    view_with(c, "v", "p", opt.clone()).await.unwrap();
+    c.view_with("v", "p", opt.clone()).await.unwrap();
     // Base parent with label=1
     c.prepare_with("p-wl-tmp", "", opt.clone()).await.unwrap();
     c.commit_with("p-wl", "p-wl-tmp", with_l("1"))
@@ -780,7 +754,7 @@ async fn loop_conformance_walk() {
     // active with label=2
     c.prepare_with("a-wl", "p-wl", with_l("2")).await.unwrap();
     // view with label=3
-    view_with(c, "v-wl", "p-wl", with_l("3")).await.unwrap();
+    c.view_with("v-wl", "p-wl", with_l("3")).await.unwrap();
     // no parent active with label=2
     c.prepare_with("a-np-wl", "", with_l("2")).await.unwrap();
 

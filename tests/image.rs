@@ -752,16 +752,7 @@ fn import_fails(d: &Daemon, archive: &Path) -> String {
 }
 
 async fn names(d: &Daemon) -> Vec<String> {
-    let mut c = d.client().await;
-    let mut n: Vec<String> = c
-        .list(&[])
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|i| i.name)
-        .collect();
-    n.sort();
-    n
+    d.client().await.names().await.unwrap()
 }
 
 /// Mount points the CLI made for imports and exports that are still there.

@@ -255,15 +255,7 @@ async fn loop_data_device_errors_are_clear_and_the_service_recovers() {
         err.message().contains("read-only") && err.message().contains("pool check"),
         "{err}"
     );
-    let mut names: Vec<String> = c
-        .list(&[])
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|i| i.name)
-        .collect();
-    names.sort();
-    assert_eq!(names, vec!["during-fault", "ok"]);
+    assert_eq!(c.names().await.unwrap(), vec!["during-fault", "ok"]);
 
     // The fault clears; the documented recovery: stop thinsnap, `thinsnap pool repair`.
     fp.set_faulty(false);

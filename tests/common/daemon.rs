@@ -217,6 +217,13 @@ pub struct Client {
 
 pub type Labels = std::collections::HashMap<String, String>;
 
+/// Labels from key/value pairs.
+pub fn labels(kv: &[(&str, &str)]) -> Labels {
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 impl Client {
     pub async fn prepare(&mut self, key: &str, parent: &str) -> Result<Vec<Mount>, tonic::Status> {
         self.prepare_with(key, parent, Labels::new()).await
@@ -241,13 +248,22 @@ impl Client {
     }
 
     pub async fn view(&mut self, key: &str, parent: &str) -> Result<Vec<Mount>, tonic::Status> {
+        self.view_with(key, parent, Labels::new()).await
+    }
+
+    pub async fn view_with(
+        &mut self,
+        key: &str,
+        parent: &str,
+        labels: Labels,
+    ) -> Result<Vec<Mount>, tonic::Status> {
         let r = self
             .inner
             .view(ViewSnapshotRequest {
                 snapshotter: SNAPSHOTTER.into(),
                 key: key.into(),
                 parent: parent.into(),
-                labels: Labels::new(),
+                labels,
             })
             .await?;
         Ok(r.into_inner().mounts)
@@ -343,6 +359,13 @@ impl Client {
             out.extend(batch.info);
         }
         Ok(out)
+    }
+
+    /// Names of every snapshot, sorted.
+    pub async fn names(&mut self) -> Result<Vec<String>, tonic::Status> {
+        let mut n: Vec<String> = self.list(&[]).await?.into_iter().map(|i| i.name).collect();
+        n.sort();
+        Ok(n)
     }
 
     pub async fn usage(&mut self, key: &str) -> Result<UsageResponse, tonic::Status> {
