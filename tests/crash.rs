@@ -1,17 +1,24 @@
 //! Crash safety: for each named failpoint of Prepare (and the base device it formats),
-//! Commit, Remove and pool grow, the process is killed with SIGKILL at that point (the
-//! `failpoints` build, `THINSNAP_FAILPOINT`), restarted, and then:
+//! Commit, Remove, pool grow and image import, the process is killed with SIGKILL at that
+//! point (the `failpoints` build, `THINSNAP_FAILPOINT`), restarted, and then:
 //! - `thinsnap check` finds the store and the pool in agreement (no thin id the store does
 //!   not know, no record without its device, no half-done operation left);
 //! - every committed snapshot's data is intact (checksums through a view);
 //! - the interrupted operation is either fully done or fully absent, and usable either way;
 //! - no dm device is left beyond the pool and what active snapshots need.
+//!
+//! An import runs in the CLI process: killed midway, it leaves its active snapshot and its
+//! private mount; `thinsnap gc` (or the daemon's next start) must remove both, and the
+//! import run again must complete from the layers already committed.
 
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
 
-use common::daemon::{Daemon, Labels, Mounted};
+use common::{
+    daemon::{Daemon, Labels, Mounted},
+    image::{oci_archive, Layer, Z},
+};
 use tonic::Code;
 
 const DATA: &str = "data.bin";
@@ -28,6 +35,19 @@ enum Op {
     Remove,
     /// `thinsnap pool grow` (CLI process, daemon stopped).
     Grow,
+    /// `thinsnap image import` killed at a point of its own, then recovered this way.
+    ImportKilled(Recovery),
+    /// `thinsnap image import` while the daemon is killed at one of its points.
+    ImportDaemonKilled,
+}
+
+/// How an interrupted import is cleaned up.
+#[derive(Clone, Copy, Debug)]
+enum Recovery {
+    /// `thinsnap gc` while the daemon runs.
+    Gc,
+    /// The daemon's next start.
+    Restart,
 }
 
 fn size_labels() -> Labels {
@@ -101,6 +121,9 @@ async fn assert_no_extra_devices(d: &Daemon, c: &mut common::daemon::Client) {
 }
 
 async fn crash_at(point: &str, op: Op) {
+    if let Op::ImportKilled(_) | Op::ImportDaemonKilled = op {
+        return import_crash_at(point, op).await;
+    }
     let mut d = Daemon::start();
     let mut c = d.client().await;
     let mut committed = Vec::new();
@@ -125,13 +148,10 @@ async fn crash_at(point: &str, op: Op) {
     // The operation, killed at `point`.
     let grow_to = 6u64 << 30;
     if let Op::Grow = op {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_thinsnap"))
-            .arg("--config")
-            .arg(&d.config)
-            .args(["pool", "grow", "6G", "--metadata", "128M"])
-            .env("THINSNAP_FAILPOINT", point)
-            .output()
-            .unwrap();
+        let out = d.cli_env(
+            &["pool", "grow", "6G", "--metadata", "128M"],
+            &[("THINSNAP_FAILPOINT", point)],
+        );
         assert_eq!(
             out.status.signal(),
             Some(9),
@@ -146,7 +166,7 @@ async fn crash_at(point: &str, op: Op) {
             Op::Prepare => c.prepare_with("new", "l2", size_labels()).await.map(|_| ()),
             Op::Commit => c.commit("committed", "active").await,
             Op::Remove => c.remove("l2").await,
-            Op::Grow => unreachable!(),
+            _ => unreachable!(),
         };
         let err = res.expect_err("the daemon dies at the failpoint");
         assert!(
@@ -253,7 +273,166 @@ async fn crash_at(point: &str, op: Op) {
             }
             write_layer(&d, &mut c, "after-grow", "l2", 9).await;
         }
+        Op::ImportKilled(_) | Op::ImportDaemonKilled => unreachable!(),
     }
+    assert_no_extra_devices(&d, &mut c).await;
+}
+
+/// A three-layer image: many files, a 4 MiB file, a file the second layer deletes.
+fn crash_image(dir: &std::path::Path) -> (std::path::PathBuf, Vec<String>) {
+    let mut l1 = Layer::new();
+    l1.dir("d", 0o755, (0, 0));
+    for i in 0..20 {
+        l1.file(
+            &format!("d/f{i}"),
+            format!("file {i}").as_bytes(),
+            0o644,
+            (0, 0),
+        );
+    }
+    l1.file("gone", b"deleted by layer 2", 0o644, (0, 0));
+    l1.file("big", &big(), 0o644, (0, 0));
+    let l1 = l1.finish();
+    let l2 = Layer::new()
+        .file(".wh.gone", b"", 0o644, (0, 0))
+        .file("d/b", b"b", 0o644, (0, 0))
+        .finish();
+    let l3 = Layer::new().file("top", b"top", 0o600, (0, 0)).finish();
+    let (archive, chain) = oci_archive(
+        &[(&l1, Z::Gzip), (&l2, Z::Tar), (&l3, Z::Zstd)],
+        "crash:1",
+        false,
+    );
+    let path = dir.join("image.tar");
+    archive.write(&path);
+    (path, chain)
+}
+
+fn big() -> Vec<u8> {
+    (0..4u32 << 20).map(|i| (i % 251) as u8).collect()
+}
+
+fn output(o: &std::process::Output) -> String {
+    format!(
+        "{:?}\n{}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Mount directories an import or export left in the temporary directory.
+fn leftover_dirs() -> Vec<String> {
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("thinsnap-import-") || n.starts_with("thinsnap-export-"))
+        .collect()
+}
+
+async fn import_crash_at(point: &str, op: Op) {
+    let mut d = Daemon::start();
+    let (archive, chain) = crash_image(d.dir.path());
+    let args = ["image", "import", archive.to_str().unwrap()];
+    let mut c = d.client().await;
+    // An unrelated committed snapshot, to check nothing else is touched.
+    let sum = write_layer(&d, &mut c, "other-active", "", 5).await;
+    c.commit("other", "other-active").await.unwrap();
+
+    let recovery = match op {
+        Op::ImportKilled(recovery) => {
+            let out = d.cli_env(&args, &[("THINSNAP_FAILPOINT", point)]);
+            assert_eq!(
+                out.status.signal(),
+                Some(9),
+                "failpoint {point} must kill the import: {}",
+                output(&out)
+            );
+            // What the killed import left: an active snapshot, and a mount while filling it.
+            let active = c.list(&["kind==active"]).await.unwrap();
+            let mounted = !common::private_mounts().is_empty();
+            match point {
+                "import.after-commit" => assert!(active.is_empty() && !mounted, "{active:?}"),
+                "import.after-mount" | "import.after-entries" | "import.after-apply" => {
+                    assert!(active.len() == 1 && mounted, "{active:?}")
+                }
+                _ => assert!(active.len() == 1 && !mounted, "{active:?}"),
+            }
+            recovery
+        }
+        _ => {
+            d.stop();
+            d.spawn_with_failpoint(point);
+            let out = d.cli(&args);
+            assert!(!out.status.success(), "{}", output(&out));
+            assert_eq!(
+                d.wait_exit().signal(),
+                Some(9),
+                "failpoint {point} must be reached"
+            );
+            d.spawn();
+            Recovery::Restart
+        }
+    };
+    match recovery {
+        Recovery::Gc => {
+            let out = d.cli(&["gc"]);
+            assert!(out.status.success(), "{}", output(&out));
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(
+                text.contains("of an import abandoned by process"),
+                point != "import.after-commit",
+                "{text}"
+            );
+        }
+        Recovery::Restart => {
+            d.stop();
+            d.spawn();
+        }
+    }
+
+    // Nothing left of the interrupted import; what was committed stays.
+    assert_eq!(common::private_mounts(), Vec::<String>::new());
+    assert_eq!(leftover_dirs(), Vec::<String>::new());
+    assert_check_clean(&mut d);
+    let mut c = d.client().await;
+    assert_eq!(c.list(&["kind==active"]).await.unwrap().len(), 0);
+    assert_no_extra_devices(&d, &mut c).await;
+    assert_committed_data(&d, &mut c, "other", &sum).await;
+    let present: Vec<bool> = {
+        let mut v = vec![];
+        for id in &chain {
+            v.push(c.stat(id).await.is_ok_and(|i| i.kind == 3));
+        }
+        v
+    };
+    assert!(
+        present.windows(2).all(|w| w[0] || !w[1]),
+        "committed layers {present:?} are not a prefix of the chain"
+    );
+
+    // Importing again completes from there.
+    let out = d.cli(&args);
+    assert!(out.status.success(), "{}", output(&out));
+    let done = present.iter().filter(|p| **p).count();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!(
+            "{} layers imported, {done} already present",
+            3 - done
+        )),
+        "{}",
+        output(&out)
+    );
+    let m = c.view("check-image", &chain[2]).await.unwrap();
+    let mnt = Mounted::new(d.dir.path(), "check-image", &m);
+    assert!(!mnt.path.join("gone").exists(), "whiteout applied");
+    assert_eq!(std::fs::read(mnt.path.join("top")).unwrap(), b"top");
+    assert_eq!(std::fs::read(mnt.path.join("d/b")).unwrap(), b"b");
+    assert_eq!(std::fs::read(mnt.path.join("d/f19")).unwrap(), b"file 19");
+    assert_eq!(std::fs::read(mnt.path.join("big")).unwrap(), big());
+    drop(mnt);
+    c.remove("check-image").await.unwrap();
     assert_no_extra_devices(&d, &mut c).await;
 }
 
@@ -282,6 +461,7 @@ macro_rules! crash_tests {
                 include_str!("../src/snapshotter/query.rs"),
                 include_str!("../thinpool/src/pool.rs"),
                 include_str!("../thinpool/src/thin.rs"),
+                include_str!("../src/image/mod.rs"),
             ];
             let mut found = std::collections::BTreeSet::new();
             for text in sources {
@@ -324,4 +504,13 @@ crash_tests! {
     loop_crash_grow_after_metadata_file: "grow.after-metadata-file", Op::Grow;
     loop_crash_grow_after_data_file: "grow.after-data-file", Op::Grow;
     loop_crash_grow_after_reload: "grow.after-reload", Op::Grow;
+    loop_crash_import_after_prepare: "import.after-prepare", Op::ImportKilled(Recovery::Gc);
+    loop_crash_import_after_mount: "import.after-mount", Op::ImportKilled(Recovery::Gc);
+    loop_crash_import_after_entries: "import.after-entries", Op::ImportKilled(Recovery::Gc);
+    loop_crash_import_after_entries_restart: "import.after-entries", Op::ImportKilled(Recovery::Restart);
+    loop_crash_import_after_apply: "import.after-apply", Op::ImportKilled(Recovery::Gc);
+    loop_crash_import_after_unmount: "import.after-unmount", Op::ImportKilled(Recovery::Restart);
+    loop_crash_import_after_commit: "import.after-commit", Op::ImportKilled(Recovery::Gc);
+    loop_crash_import_daemon_create_after_ready: "create.after-ready", Op::ImportDaemonKilled;
+    loop_crash_import_daemon_commit_after_store: "commit.after-store", Op::ImportDaemonKilled;
 }

@@ -20,6 +20,7 @@ use std::{
 use common::{
     daemon::{Daemon, Mounted},
     image::*,
+    private_mounts,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -530,17 +531,6 @@ fn import_fails(d: &Daemon, archive: &Path) -> String {
 
 async fn names(d: &Daemon) -> Vec<String> {
     d.client().await.names().await.unwrap()
-}
-
-/// Mount points the CLI made for imports and exports that are still there.
-fn private_mounts() -> Vec<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|p| p.contains("thinsnap-import-") || p.contains("thinsnap-export-"))
-        .map(str::to_string)
-        .collect()
 }
 
 /// The tree of committed snapshot `name`, through a view.

@@ -16,6 +16,7 @@ pub mod export;
 #[cfg(test)]
 mod hostile;
 pub(crate) mod mount;
+pub mod owner;
 
 use std::{cell::RefCell, collections::HashMap, fmt, io::Write, path::Path, time::Instant};
 
@@ -27,13 +28,16 @@ pub use export::ExportStats;
 use crate::service::{api::Mount, client::Client};
 use archive::Archive;
 use mount::TempMount;
+use thinpool::failpoint::hit as fp;
 
 /// Label on every layer snapshot an import commits: the image it came with (the `--ref`
 /// given, else the name the archive records, else the archive's file name).
 pub const IMAGE_LABEL: &str = "containerd.io/snapshot/thinsnap.image";
-/// Label on the active snapshot of a layer being imported: the importing process's id.
+/// Label on the active snapshot of a layer being imported: the importing process
+/// ([`owner`]); the daemon removes the snapshot once that process is gone.
 pub const IMPORTING_LABEL: &str = "containerd.io/snapshot/thinsnap.importing";
-/// Label on the temporary view an export reads a committed snapshot through.
+/// Label on the temporary view an export reads a committed snapshot through: the exporting
+/// process ([`owner`]), as for [`IMPORTING_LABEL`].
 pub const EXPORTING_LABEL: &str = "containerd.io/snapshot/thinsnap.exporting";
 
 /// The kind of a snapshot, as the snapshotter reports it.
@@ -428,9 +432,12 @@ fn import_layer(
         mount::random(),
         layer.chain_id.short()
     );
-    let pid = std::process::id().to_string();
     let mounts = backend
-        .prepare(&key, parent, labels(&[(IMPORTING_LABEL, &pid)]))
+        .prepare(
+            &key,
+            parent,
+            labels(&[(IMPORTING_LABEL, &owner::current())]),
+        )
         .map_err(|e| {
             let on = if parent.is_empty() {
                 "an empty filesystem".to_string()
@@ -445,6 +452,7 @@ fn import_layer(
                 cleanup: None,
             }
         })?;
+    fp("import.after-prepare");
     let filled = fill(archive, layer, &mounts, progress);
     let done = filled.and_then(|r| {
         backend
@@ -461,6 +469,7 @@ fn import_layer(
             })
             .map(|()| r)
     });
+    fp("import.after-commit");
     match done {
         Ok((stats, tar_bytes, compression)) => Ok(LayerReport {
             chain_id: layer.chain_id.clone(),
@@ -501,13 +510,23 @@ fn fill(
         )
     })?;
     let mnt = TempMount::new("import", m, &["nodev", "nosuid", "noexec"])?;
+    fp("import.after-mount");
     let progress = RefCell::new(progress);
     let mut advance = |n| progress.borrow_mut().advance(n);
     let mut stream = archive.layer(layer, &mut advance)?;
     let compression = stream.compression();
-    let stats = apply::apply_layer(mnt.path(), &mut stream, &|| progress.borrow().cancelled())?;
+    let entries = std::cell::Cell::new(0u64);
+    let stats = apply::apply_layer(mnt.path(), &mut stream, &|| {
+        entries.set(entries.get() + 1);
+        if entries.get() == 3 {
+            fp("import.after-entries");
+        }
+        progress.borrow().cancelled()
+    })?;
     let bytes = stream.finish()?;
+    fp("import.after-apply");
     mnt.unmount()?;
+    fp("import.after-unmount");
     Ok((stats, bytes, compression))
 }
 
@@ -536,9 +555,8 @@ pub fn export(
         })?;
     let (mounts, view) = if kind == Kind::Committed {
         let view = format!("export-{}-{:08x}", std::process::id(), mount::random());
-        let pid = std::process::id().to_string();
         let m = backend
-            .view(&view, key, labels(&[(EXPORTING_LABEL, &pid)]))
+            .view(&view, key, labels(&[(EXPORTING_LABEL, &owner::current())]))
             .map_err(|e| Error::backend(format!("cannot make a view of {key}"), e))?;
         (m, Some(view))
     } else {

@@ -6,6 +6,7 @@
 //! blocking pool. Pool metadata changes are serialized by one lock per pool, which also
 //! carries the pool's transaction id; store writes are serialized by the store itself.
 
+mod abandoned;
 mod commit;
 mod create;
 pub mod filter;

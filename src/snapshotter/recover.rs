@@ -1,13 +1,14 @@
 //! Startup reconciliation: compares the store with the pool's thin ids and active devices,
 //! finishes or rolls back half-done operations, deletes thin devices nobody records,
-//! re-activates what active snapshots need, and reports one line per action.
+//! re-activates what active snapshots need, removes what killed imports and exports left
+//! ([`abandoned`]), and reports one line per action.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use thinpool::{RemoveMode, ThinId};
 use tracing::{info, warn};
 
-use super::{Error, Result, Snapshotter};
+use super::{abandoned, Error, Result, Snapshotter};
 use crate::store::{Kind, Record, State};
 
 /// What reconciliation found and (when applying) did, one line per action.
@@ -103,6 +104,19 @@ impl Snapshotter {
             }
         }
         for r in &records {
+            if let (State::Ready, Some(a)) = (r.state, abandoned::abandoned(r)) {
+                act(
+                    &mut report,
+                    format!(
+                        "remove snapshot {:?} of an {} abandoned by process {} (gone)",
+                        r.key,
+                        a.purpose,
+                        a.pid.map_or("?".into(), |p| p.to_string())
+                    ),
+                    &|| self.remove_abandoned(r, &a, active.contains_key(&r.thin_id)),
+                );
+                continue;
+            }
             match r.state {
                 State::Creating if !startup => {}
                 State::Creating => act(

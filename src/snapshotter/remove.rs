@@ -17,6 +17,12 @@ impl Snapshotter {
     #[instrument(level = "info", skip(self), fields(key))]
     pub fn remove(&self, key: &str) -> Result<()> {
         super::validate_key("snapshot key", key)?;
+        self.remove_record(key, self.config.async_remove)
+    }
+
+    /// Marks `key` Removing and, unless `only_mark`, deletes its device and record; a device
+    /// still in use puts the record back as it was.
+    pub(super) fn remove_record(&self, key: &str, only_mark: bool) -> Result<()> {
         let (record, before) = {
             let mut tx = self.store.write()?;
             let record = match tx.get(key)? {
@@ -35,7 +41,7 @@ impl Snapshotter {
             (marked, record)
         };
         fp("remove.after-mark");
-        if self.config.async_remove {
+        if only_mark {
             return Ok(());
         }
         match self.finish_remove(&record) {

@@ -84,10 +84,17 @@ impl Daemon {
 
     /// Runs the thinsnap CLI with this daemon's configuration.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        self.cli_env(args, &[])
+    }
+
+    /// Runs the thinsnap CLI with this daemon's configuration and extra environment
+    /// (e.g. THINSNAP_FAILPOINT).
+    pub fn cli_env(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_thinsnap"))
             .arg("--config")
             .arg(&self.config)
             .args(args)
+            .envs(env.iter().copied())
             .output()
             .unwrap()
     }

@@ -144,6 +144,17 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Mount points the CLI made for imports and exports that are still there.
+pub fn private_mounts() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.contains("thinsnap-import-") || p.contains("thinsnap-export-"))
+        .map(str::to_string)
+        .collect()
+}
+
 /// dm devices whose names start with `thinsnap-<pool>-`.
 pub fn dm_devices_of(pool: &PoolName) -> Vec<String> {
     let prefix = format!("thinsnap-{pool}-");
