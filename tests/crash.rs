@@ -39,6 +39,8 @@ enum Op {
     ImportKilled(Recovery),
     /// `thinsnap image import` while the daemon is killed at one of its points.
     ImportDaemonKilled,
+    /// `thinsnap image export` killed at a point of its own, then `thinsnap gc`.
+    ExportKilled,
 }
 
 /// How an interrupted import is cleaned up.
@@ -121,8 +123,10 @@ async fn assert_no_extra_devices(d: &Daemon, c: &mut common::daemon::Client) {
 }
 
 async fn crash_at(point: &str, op: Op) {
-    if let Op::ImportKilled(_) | Op::ImportDaemonKilled = op {
-        return import_crash_at(point, op).await;
+    match op {
+        Op::ImportKilled(_) | Op::ImportDaemonKilled => return import_crash_at(point, op).await,
+        Op::ExportKilled => return export_crash_at(point).await,
+        _ => {}
     }
     let mut d = Daemon::start();
     let mut c = d.client().await;
@@ -273,7 +277,7 @@ async fn crash_at(point: &str, op: Op) {
             }
             write_layer(&d, &mut c, "after-grow", "l2", 9).await;
         }
-        Op::ImportKilled(_) | Op::ImportDaemonKilled => unreachable!(),
+        Op::ImportKilled(_) | Op::ImportDaemonKilled | Op::ExportKilled => unreachable!(),
     }
     assert_no_extra_devices(&d, &mut c).await;
 }
@@ -436,6 +440,38 @@ async fn import_crash_at(point: &str, op: Op) {
     assert_no_extra_devices(&d, &mut c).await;
 }
 
+async fn export_crash_at(point: &str) {
+    let mut d = Daemon::start();
+    let mut c = d.client().await;
+    let sum = write_layer(&d, &mut c, "l1-active", "", 1).await;
+    c.commit("l1", "l1-active").await.unwrap();
+    let out_file = d.dir.path().join("l1.tar");
+    let out = d.cli_env(
+        &["image", "export", "l1", out_file.to_str().unwrap()],
+        &[("THINSNAP_FAILPOINT", point)],
+    );
+    assert_eq!(out.status.signal(), Some(9), "{}", output(&out));
+    // What the killed export left: its view, mounted.
+    assert_eq!(c.list(&["kind==view"]).await.unwrap().len(), 1);
+    assert_eq!(common::private_mounts().len(), 1);
+
+    let out = d.cli(&["gc"]);
+    assert!(out.status.success(), "{}", output(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("of an export abandoned by process"), "{text}");
+    assert_eq!(common::private_mounts(), Vec::<String>::new());
+    assert_eq!(leftover_dirs(), Vec::<String>::new());
+    assert!(!out_file.exists());
+    assert_check_clean(&mut d);
+    let mut c = d.client().await;
+    assert_eq!(c.list(&["kind==view"]).await.unwrap().len(), 0);
+    assert_no_extra_devices(&d, &mut c).await;
+    assert_committed_data(&d, &mut c, "l1", &sum).await;
+    let out = d.cli(&["image", "export", "l1", out_file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", output(&out));
+    assert!(out_file.metadata().unwrap().len() > 2 << 20);
+}
+
 macro_rules! crash_tests {
     ($($name:ident: $point:literal, $op:expr;)*) => {
         $(
@@ -513,4 +549,5 @@ crash_tests! {
     loop_crash_import_after_commit: "import.after-commit", Op::ImportKilled(Recovery::Gc);
     loop_crash_import_daemon_create_after_ready: "create.after-ready", Op::ImportDaemonKilled;
     loop_crash_import_daemon_commit_after_store: "commit.after-store", Op::ImportDaemonKilled;
+    loop_crash_export_after_mount: "export.after-mount", Op::ExportKilled;
 }

@@ -598,6 +598,7 @@ fn write_out(mounts: &[MountSpec], out: &Path, progress: &mut dyn Progress) -> R
         }
         Err(e) => return Err(e),
     };
+    fp("export.after-mount");
     progress.start("exporting", 0);
     let cancelled = || progress.cancelled();
     let stats = if out == Path::new("-") {
