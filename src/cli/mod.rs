@@ -5,6 +5,7 @@ mod image;
 mod pool;
 mod repair;
 mod snapshot;
+mod status;
 mod table;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
@@ -65,6 +66,13 @@ pub enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// How the running daemon is doing: pool space and mode, snapshots, pool grows,
+    /// requests and errors (the figures its metrics endpoint serves).
+    Status {
+        /// Print the daemon's metrics in Prometheus text format instead.
+        #[arg(long)]
+        metrics: bool,
     },
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
     Completions {
@@ -147,6 +155,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             crate::bench::import::run(&cli.load_config()?, opts)
         }
         Command::Gc { dry_run, json } => gc::run(&cli.load_config()?, *dry_run, *json),
+        Command::Status { metrics } => status::run(&cli.load_config()?, *metrics),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(*shell, &mut cmd, "thinsnap", &mut std::io::stdout());

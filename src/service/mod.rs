@@ -26,6 +26,7 @@ use api::snapshots::{
 pub use status::to_status;
 
 use crate::{
+    metrics::Metrics,
     snapshotter::{self, Snapshotter},
     store::{Kind as StoreKind, Record},
 };
@@ -34,12 +35,13 @@ use crate::{
 #[derive(Clone)]
 pub struct Service {
     snap: Arc<Snapshotter>,
+    metrics: Arc<Metrics>,
 }
 
 impl Service {
-    /// A service for `snap`.
-    pub fn new(snap: Arc<Snapshotter>) -> Service {
-        Service { snap }
+    /// A service for `snap`, counting requests in `metrics`.
+    pub fn new(snap: Arc<Snapshotter>, metrics: Arc<Metrics>) -> Service {
+        Service { snap, metrics }
     }
 
     /// Runs `f` on the blocking pool in a span named `method` with `key`, logging its
@@ -50,28 +52,28 @@ impl Service {
         F: FnOnce(&Snapshotter) -> snapshotter::Result<T> + Send + 'static,
     {
         let snap = self.snap.clone();
+        let metrics = self.metrics.clone();
         let span = info_span!("request", method, key = %key);
         async move {
             let start = Instant::now();
             let res = tokio::task::spawn_blocking(move || f(&snap))
                 .await
-                .map_err(|e| Status::internal(format!("{method} panicked: {e}")))?;
-            let ms = start.elapsed().as_secs_f64() * 1000.0;
-            match res {
-                Ok(v) => {
-                    debug!(ms, "ok");
-                    Ok(v)
-                }
-                Err(e) => {
-                    let status = to_status(&e);
-                    if status.code() == tonic::Code::Internal {
-                        warn!(ms, code = ?status.code(), "{e}");
-                    } else {
-                        debug!(ms, code = ?status.code(), "{e}");
-                    }
-                    Err(status)
-                }
-            }
+                .map_err(|e| Status::internal(format!("{method} panicked: {e}")))
+                .and_then(|r| {
+                    r.map_err(|e| (to_status(&e), e)).map_err(|(status, e)| {
+                        if status.code() == tonic::Code::Internal {
+                            warn!(code = ?status.code(), "{e}");
+                        } else {
+                            debug!(code = ?status.code(), "{e}");
+                        }
+                        status
+                    })
+                });
+            let secs = start.elapsed().as_secs_f64();
+            let code = res.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+            metrics.observe(method, code, secs);
+            debug!(ms = secs * 1000.0, ?code, "done");
+            res
         }
         .instrument(span)
         .await
@@ -297,6 +299,7 @@ async fn shutdown_signal(
 /// # Errors
 /// When the socket cannot be created.
 pub async fn serve(snap: Arc<Snapshotter>, socket: &Path) -> Result<()> {
+    let metrics = Arc::new(Metrics::default());
     // Handlers first: once the socket exists, a SIGTERM must mean a graceful stop.
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
@@ -335,10 +338,24 @@ pub async fn serve(snap: Arc<Snapshotter>, socket: &Path) -> Result<()> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    if let Some(addr) = snap.config().metrics_listen {
+        let http = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for metrics (`metrics.listen`)"))?;
+        info!(%addr, "serving Prometheus metrics at /metrics");
+        tokio::spawn(http_metrics(http, snap.clone(), metrics.clone()));
+    }
+    crate::autogrow::spawn(snap.clone(), metrics.clone());
     info!(socket = %socket.display(), started, "serving containerd's Snapshots API");
     tonic::transport::Server::builder()
-        .add_service(SnapshotsServer::new(Service::new(snap.clone())))
-        .add_service(api::admin::admin_server::AdminServer::new(Admin { snap }))
+        .add_service(SnapshotsServer::new(Service::new(
+            snap.clone(),
+            metrics.clone(),
+        )))
+        .add_service(api::admin::admin_server::AdminServer::new(Admin {
+            snap,
+            metrics,
+        }))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
             shutdown_signal(term, int),
@@ -354,6 +371,7 @@ pub async fn serve(snap: Arc<Snapshotter>, socket: &Path) -> Result<()> {
 #[derive(Clone)]
 pub struct Admin {
     snap: Arc<Snapshotter>,
+    metrics: Arc<Metrics>,
 }
 
 #[tonic::async_trait]
@@ -374,5 +392,67 @@ impl api::admin::admin_server::Admin for Admin {
             problems: report.problems,
             freed_bytes: freed,
         }))
+    }
+
+    async fn metrics(
+        &self,
+        _req: Request<api::admin::MetricsRequest>,
+    ) -> Result<Response<api::admin::MetricsResponse>, Status> {
+        let (snap, metrics) = (self.snap.clone(), self.metrics.clone());
+        let text = tokio::task::spawn_blocking(move || metrics.render(&snap))
+            .await
+            .map_err(|e| Status::internal(format!("metrics panicked: {e}")))?;
+        Ok(Response::new(api::admin::MetricsResponse { text }))
+    }
+}
+
+/// Answers HTTP requests on `listener`: `GET /metrics` with the Prometheus text, anything
+/// else 404. One request per connection.
+async fn http_metrics(
+    listener: tokio::net::TcpListener,
+    snap: Arc<Snapshotter>,
+    metrics: Arc<Metrics>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let (snap, metrics) = (snap.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            // Read the request head (the request line is all that matters).
+            while n < buf.len() {
+                match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf[n..])).await {
+                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                    Ok(Ok(k)) => n += k,
+                }
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let mut parts = head.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, body) =
+                if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
+                    let text = tokio::task::spawn_blocking(move || metrics.render(&snap))
+                        .await
+                        .unwrap_or_default();
+                    ("200 OK", text)
+                } else {
+                    (
+                        "404 Not Found",
+                        "thinsnap serves only GET /metrics here\n".to_string(),
+                    )
+                };
+            let reply = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(reply.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
     }
 }

@@ -193,8 +193,22 @@ impl Snapshotter {
             } else {
                 ("metadata", st.meta_used_bytes(), st.meta_total_bytes())
             };
+            let a = &self.config.autogrow;
+            let max = if what == "data" {
+                a.max_data_size
+            } else {
+                a.max_metadata_size
+            };
+            let fix = if a.enabled && total >= max {
+                format!("the pool reached its autogrow maximum (pool.autogrow.max_{what}_size = {}): raise it, grow the pool with `thinsnap pool grow`, or remove unused snapshots", units::format_size(max))
+            } else if a.enabled {
+                "autogrow is growing the pool: retry shortly, or grow it with `thinsnap pool grow`"
+                    .to_string()
+            } else {
+                "grow it with `thinsnap pool grow`, or remove unused snapshots".to_string()
+            };
             return Err(Error::ResourceExhausted(format!(
-                "pool {} has too little free {what} space for a new snapshot ({} of {} used; at least {:.0}% must stay free): grow it with `thinsnap pool grow`, or remove unused snapshots",
+                "pool {} has too little free {what} space for a new snapshot ({} of {} used; at least {:.0}% must stay free): {fix}",
                 self.config.pool_name,
                 units::format_size(used),
                 units::format_size(total),

@@ -641,6 +641,14 @@ impl ThinPool {
         }
     }
 
+    /// The LVM thin pool behind this pool, if it is one.
+    pub fn lvm(&self) -> Option<&lvm::LvmPool> {
+        match &self.backing {
+            Backing::Lvm(p) => Some(p),
+            _ => None,
+        }
+    }
+
     /// Size of the pool's data space in bytes, from its table.
     ///
     /// # Errors
