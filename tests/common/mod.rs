@@ -3,6 +3,7 @@
 //! and leak checks for dm devices, loop devices and mounts.
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod daemon;
 pub mod image;
 
