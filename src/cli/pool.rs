@@ -29,6 +29,12 @@ pub enum PoolCmd {
     },
     /// Check the pool's metadata with thin_check (on a metadata snapshot of the live pool).
     Check,
+    /// Back up the pool's metadata (thin_dump XML of a metadata snapshot; the pool stays
+    /// live). Restore with thin_restore; back up the store with it (see docs/operations.md).
+    Backup {
+        /// The XML file to write.
+        file: std::path::PathBuf,
+    },
     /// Repair a pool the kernel made read-only or flagged needs_check (after an I/O or
     /// metadata error): with thinsnap stopped and no container using the pool, check (and
     /// if needed rebuild) its metadata and activate it again.
@@ -134,6 +140,16 @@ pub fn run(config: &Config, cmd: &PoolCmd) -> Result<ExitCode> {
                 config.pool_name,
                 units::format_size(cur),
                 units::format_size(pool.data_bytes()?)
+            );
+        }
+        PoolCmd::Backup { file } => {
+            let pool = open(config)?;
+            pool.backup_metadata(file)?;
+            println!(
+                "pool {}: metadata written to {} (transaction id {})",
+                config.pool_name,
+                file.display(),
+                pool.status()?.transaction_id
             );
         }
         PoolCmd::Check => {
