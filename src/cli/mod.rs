@@ -196,3 +196,135 @@ fn serve(config: &Config) -> Result<ExitCode> {
     runtime.block_on(service::serve(Arc::new(snap), &socket))?;
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Cli;
+
+    /// Every `thinsnap ...` command in a shell block of the README and docs/ parses with
+    /// this CLI, so the docs cannot drift from its syntax (the VM demo and the tests run
+    /// them).
+    #[test]
+    fn every_documented_command_parses() {
+        let docs = [
+            ("README.md", include_str!("../../README.md")),
+            (
+                "docs/containerd.md",
+                include_str!("../../docs/containerd.md"),
+            ),
+            (
+                "docs/operations.md",
+                include_str!("../../docs/operations.md"),
+            ),
+            ("docs/images.md", include_str!("../../docs/images.md")),
+            (
+                "docs/reliability.md",
+                include_str!("../../docs/reliability.md"),
+            ),
+            (
+                "docs/architecture.md",
+                include_str!("../../docs/architecture.md"),
+            ),
+            (
+                "docs/benchmarks.md",
+                include_str!("../../docs/benchmarks.md"),
+            ),
+            ("docs/vm.md", include_str!("../../docs/vm.md")),
+        ];
+        let mut checked = 0;
+        let mut bad = Vec::new();
+        for (file, text) in docs {
+            let mut in_shell = false;
+            for line in text.lines() {
+                let t = line.trim();
+                if t.starts_with("```") {
+                    in_shell = !in_shell && matches!(t, "```sh" | "```bash" | "```console");
+                    continue;
+                }
+                if !in_shell {
+                    // Inline code: `thinsnap ...` spans.
+                    for span in t.split('`').skip(1).step_by(2) {
+                        if let Some(rest) = span.strip_prefix("thinsnap ") {
+                            let args: Vec<String> = std::iter::once("thinsnap".to_string())
+                                .chain(placeholders(rest).split_whitespace().map(str::to_string))
+                                .collect();
+                            checked += 1;
+                            if let Err(e) = Cli::try_parse_from(&args) {
+                                if !matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | clap::error::ErrorKind::MissingRequiredArgument | clap::error::ErrorKind::MissingSubcommand) {
+                                    bad.push(format!("{file}: `{}`: {}", args.join(" "), e.kind()));
+                                }
+                            }
+                        }
+                    }
+                    continue;
+                }
+                if t.starts_with('#') {
+                    continue;
+                }
+                // Each command of the line: placeholders (`<chain id>`) become a word, then
+                // split at shell operators, drop comments.
+                let code = placeholders(t.split(" #").next().unwrap_or(""));
+                for cmd in code.split(['|', ';', '&', '>', '<', '(', ')']) {
+                    let words: Vec<&str> = cmd.split_whitespace().collect();
+                    let Some(pos) = words.iter().position(|w| {
+                        *w == "thinsnap"
+                            || *w == "$T"
+                            || (w.ends_with("/thinsnap") && !w.contains('='))
+                    }) else {
+                        continue;
+                    };
+                    if words[..pos].iter().any(|w| !matches!(*w, "sudo" | "exec")) {
+                        continue; // an argument of another command (e.g. `install ... thinsnap`)
+                    }
+                    let args: Vec<String> = std::iter::once("thinsnap".to_string())
+                        .chain(
+                            words[pos + 1..]
+                                .iter()
+                                .map(|w| w.trim_matches(['\'', '"']).to_string()),
+                        )
+                        .collect();
+                    checked += 1;
+                    if let Err(e) = Cli::try_parse_from(&args) {
+                        if !matches!(
+                            e.kind(),
+                            clap::error::ErrorKind::DisplayHelp
+                                | clap::error::ErrorKind::DisplayVersion
+                        ) {
+                            bad.push(format!("{file}: `{}`: {}", args.join(" "), e.kind()));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "documented commands that do not parse:\n{}",
+            bad.join("\n")
+        );
+        assert!(checked >= 60, "only {checked} documented commands found");
+    }
+
+    /// Replaces `<...>` placeholders (those starting with a letter) with `X`.
+    fn placeholders(s: &str) -> String {
+        let mut out = String::new();
+        let mut rest = s;
+        while let Some(i) = rest.find('<') {
+            let after = &rest[i + 1..];
+            match after.find('>') {
+                Some(j) if after.starts_with(|c: char| c.is_ascii_alphabetic()) => {
+                    out.push_str(&rest[..i]);
+                    out.push('X');
+                    rest = &after[j + 1..];
+                }
+                _ => {
+                    out.push_str(&rest[..=i]);
+                    rest = after;
+                }
+            }
+        }
+        out.push_str(rest);
+        out
+    }
+}
