@@ -108,6 +108,23 @@ data_percent = 95
 # Metadata size; empty: 1% of the volume group (at least 64M, at most 16G).
 metadata_size = ""
 
+[volumes]
+# Answer Docker's volume plugin protocol on this unix socket, so `docker volume create -d
+# thinsnap` gives each volume its own thin device. Docker finds plugins by their socket in
+# /run/docker/plugins/: turn it on with socket = "/run/docker/plugins/thinsnap.sock".
+# Empty: off (volumes made while it was on are still kept, re-mounted and checked).
+socket = ""
+# Where volumes are mounted for containers: <mount_dir>/<volume name>. Empty:
+# <state_dir>/volumes.
+mount_dir = ""
+# Size of a volume's thin device unless `-o size=...` asks for another. Empty: default_size
+# (a volume is a snapshot of the base device, so it is never smaller than default_size).
+default_size = ""
+# Filesystem of a volume unless `-o fs=...` says: "ext4" or "xfs". Empty: filesystem.
+filesystem = ""
+# Extra mount options for volumes (e.g. ["noatime"]); xfs volumes get "nouuid" too.
+mount_options = []
+
 [metrics]
 # Serve Prometheus metrics over HTTP at this address, e.g. "127.0.0.1:9338" (GET /metrics).
 # Empty: off. `thinsnap status` shows the same figures without it.
@@ -145,7 +162,18 @@ struct RawConfig {
     async_remove: Option<bool>,
     min_free_space: Option<String>,
     pool: RawPool,
+    volumes: RawVolumes,
     metrics: RawMetrics,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawVolumes {
+    socket: Option<PathBuf>,
+    mount_dir: Option<PathBuf>,
+    default_size: Option<SizeValue>,
+    filesystem: Option<String>,
+    mount_options: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -235,6 +263,23 @@ pub struct Config {
     pub autogrow: Autogrow,
     /// Address of the Prometheus endpoint, if any.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Docker volumes.
+    pub volumes: Volumes,
+}
+
+/// `[volumes]`: the Docker volume plugin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Volumes {
+    /// The plugin's unix socket; `None`: the plugin is off.
+    pub socket: Option<PathBuf>,
+    /// Volumes are mounted at `<mount_dir>/<name>`.
+    pub mount_dir: PathBuf,
+    /// Size in bytes of a new volume without `-o size=`.
+    pub default_size: u64,
+    /// Filesystem of a new volume without `-o fs=`.
+    pub filesystem: FsType,
+    /// Extra mount options of volumes.
+    pub mount_options: Vec<String>,
 }
 
 /// `[pool.autogrow]`: when and how far the daemon grows the pool by itself.
@@ -417,6 +462,38 @@ impl Config {
         if autogrow.max_metadata_size > 16 * units::GIB {
             bail!("bad value for `pool.autogrow.max_metadata_size`: thin-pool metadata is at most 16G");
         }
+        let v = raw.volumes;
+        let absolute = |key: &str, p: Option<PathBuf>| -> Result<Option<PathBuf>> {
+            match p {
+                Some(p) if p.as_os_str().is_empty() => Ok(None),
+                Some(p) if !p.is_absolute() => {
+                    bail!("bad value for `{key}`: {p:?} must be an absolute path")
+                }
+                p => Ok(p),
+            }
+        };
+        let volumes = Volumes {
+            socket: absolute("volumes.socket", v.socket)?,
+            mount_dir: absolute("volumes.mount_dir", v.mount_dir)?
+                .unwrap_or_else(|| state_dir.join("volumes")),
+            default_size: match &v.default_size {
+                Some(SizeValue::Text(t)) if t.is_empty() => default_size,
+                None => default_size,
+                Some(s) => size("volumes.default_size", Some(s), "")?,
+            },
+            filesystem: match v.filesystem.as_deref() {
+                None | Some("") => filesystem,
+                Some(f) => f.parse().context("bad value for `volumes.filesystem`")?,
+            },
+            mount_options: v.mount_options,
+        };
+        if volumes.default_size < default_size {
+            bail!(
+                "bad value for `volumes.default_size`: {} is smaller than `default_size` ({}), the size of the base filesystem every volume starts from",
+                units::format_size(volumes.default_size),
+                units::format_size(default_size)
+            );
+        }
         let metrics_listen = match raw.metrics.listen.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(a) => Some(a.parse().map_err(|_| {
@@ -440,6 +517,7 @@ impl Config {
             pool_options,
             autogrow,
             metrics_listen,
+            volumes,
         })
     }
 
@@ -502,7 +580,16 @@ impl fmt::Display for Config {
             f,
             "pool           {} ({:?})",
             self.pool_name, self.pool_source
-        )
+        )?;
+        match &self.volumes.socket {
+            Some(s) => writeln!(
+                f,
+                "volumes        Docker plugin on {}, mounted under {}",
+                s.display(),
+                self.volumes.mount_dir.display()
+            ),
+            None => writeln!(f, "volumes        off"),
+        }
     }
 }
 
@@ -558,10 +645,32 @@ mod tests {
             ("default_size = 10", "default_size"),
             ("default_size = true", "default_size"),
             ("async_remove = \"yes\"", "async_remove"),
+            ("[volumes]\nsocket = \"plugin.sock\"", "volumes.socket"),
+            ("[volumes]\nfilesystem = \"zfs\"", "volumes.filesystem"),
+            ("[volumes]\ndefault_size = \"1M\"", "volumes.default_size"),
+            ("[volumes]\nsize = \"1G\"", "size"),
         ] {
             let e = Config::parse(text).unwrap_err();
             assert!(format!("{e:#}").contains(key), "{text}: {e:#}");
         }
+    }
+
+    #[test]
+    fn volumes_are_off_by_default_and_follow_the_snapshot_defaults() {
+        let c =
+            Config::parse("state_dir = \"/srv/ts\"\nfilesystem = \"xfs\"\ndefault_size = \"2G\"")
+                .unwrap();
+        assert_eq!(c.volumes.socket, None);
+        assert_eq!(c.volumes.mount_dir, PathBuf::from("/srv/ts/volumes"));
+        assert_eq!(c.volumes.default_size, 2 * units::GIB);
+        assert_eq!(c.volumes.filesystem, FsType::Xfs);
+        let c = Config::parse("[volumes]\nsocket = \"/run/docker/plugins/thinsnap.sock\"\ndefault_size = \"20G\"\nfilesystem = \"ext4\"\nmount_dir = \"/srv/v\"").unwrap();
+        assert_eq!(
+            c.volumes.socket.as_deref(),
+            Some(Path::new("/run/docker/plugins/thinsnap.sock"))
+        );
+        assert_eq!(c.volumes.default_size, 20 * units::GIB);
+        assert_eq!(c.volumes.mount_dir, PathBuf::from("/srv/v"));
     }
 
     #[test]
