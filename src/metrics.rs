@@ -166,11 +166,22 @@ impl Metrics {
                 .read()
                 .and_then(|r| r.bases())
                 .map_or(0, |b| b.len());
+            let volumes = snap
+                .store()
+                .read()
+                .and_then(|r| r.volumes())
+                .map_or(0, |v| v.len());
+            gauge(
+                &mut out,
+                "thinsnap_volumes",
+                "Docker volumes (each a thin device of its own).",
+                &[(&l, volumes as f64)],
+            );
             gauge(
                 &mut out,
                 "thinsnap_thin_devices",
-                "Thin devices thinsnap keeps in the pool (snapshots and base devices).",
-                &[(&l, (records.len() + bases) as f64)],
+                "Thin devices thinsnap keeps in the pool (snapshots, volumes and base devices).",
+                &[(&l, (records.len() + volumes + bases) as f64)],
             );
         }
         let (data, meta) = self.grows();

@@ -208,9 +208,10 @@ pub fn run(config: &Config, cmd: &PoolCmd) -> Result<ExitCode> {
             if store_path.exists() {
                 let store = crate::store::Store::open(&store_path, config.pool_name.as_str())?;
                 let n = store.read()?.all()?.len();
+                let v = store.read()?.volumes()?.len();
                 drop(store);
-                if n > 0 && !force {
-                    bail!("the store records {n} snapshot(s) in pool {}: remove them first, or pass --force to destroy them all", config.pool_name);
+                if (n > 0 || v > 0) && !force {
+                    bail!("the store records {n} snapshot(s) and {v} volume(s) in pool {}: remove them first, or pass --force to destroy them all", config.pool_name);
                 }
             }
             let pool = open(config)?;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use thinpool::{failpoint::hit as fp, units, RemoveMode};
+use thinpool::{failpoint::hit as fp, units, FsType, RemoveMode};
 use tracing::{info, instrument, warn};
 
 use super::{pool_error, validate_key, validate_labels, Error, Mount, Result, Snapshotter};
@@ -76,7 +76,7 @@ impl Snapshotter {
             }
         }
         let origin = if parent.is_empty() {
-            self.ensure_base()?
+            self.ensure_base(self.fs())?
         } else {
             match self.store.read()?.get(parent)? {
                 Some(p) if p.state == State::Ready && p.kind == Kind::Committed => p,
@@ -218,9 +218,11 @@ impl Snapshotter {
         Ok(())
     }
 
-    /// The base device of the configured filesystem, created and formatted on first use.
-    fn ensure_base(&self) -> Result<Record> {
-        let fs = self.fs().as_str();
+    /// The base device of filesystem `fs` (snapshots use the configured one, volumes may
+    /// ask for another), created and formatted on first use. `mkfs_options` apply to the
+    /// configured filesystem only: they are options of its mkfs.
+    pub(super) fn ensure_base(&self, fstype: FsType) -> Result<Record> {
+        let fs = fstype.as_str();
         if let Some(b) = self.store.read()?.base(fs)? {
             if b.state == State::Ready {
                 return Ok(b);
@@ -257,7 +259,12 @@ impl Snapshotter {
             let txn = self.pool_change("base.after-message", |p| p.create_thin(id))?;
             fp("base.after-txn");
             let dev = self.activate(&record)?;
-            self.fs().mkfs(&dev.devnode, &self.config.mkfs_options)?;
+            let extra: &[String] = if fstype == self.fs() {
+                &self.config.mkfs_options
+            } else {
+                &[]
+            };
+            fstype.mkfs(&dev.devnode, extra)?;
             fp("base.after-mkfs");
             self.deactivate(id, RemoveMode::Now)?;
             let mut done = record.clone();
