@@ -1,10 +1,12 @@
-//! `thinsnap serve`: containerd's Snapshots API on a unix socket, over the snapshotter.
+//! `thinsnap serve`: containerd's Snapshots API on a unix socket, over the snapshotter, and
+//! (with `[volumes] socket`) Docker's volume plugin protocol on another ([`volume`]).
 //! Each request runs on tokio's blocking pool inside a tracing span with its key and
 //! duration.
 
 pub mod api;
 pub mod client;
 mod status;
+pub mod volume;
 
 use std::{
     collections::BTreeMap,
@@ -293,17 +295,8 @@ async fn shutdown_signal(
     }
 }
 
-/// Serves `snap` on the unix socket `socket` until SIGTERM or SIGINT; in-flight requests
-/// finish first. Active snapshots stay active for running containers.
-///
-/// # Errors
-/// When the socket cannot be created.
-pub async fn serve(snap: Arc<Snapshotter>, socket: &Path) -> Result<()> {
-    let metrics = Arc::new(Metrics::default());
-    // Handlers first: once the socket exists, a SIGTERM must mean a graceful stop.
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+/// Listens on the unix socket `socket` (mode 0660), replacing a stale one.
+fn bind_unix(socket: &Path) -> Result<tokio::net::UnixListener> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -322,6 +315,41 @@ pub async fn serve(snap: Arc<Snapshotter>, socket: &Path) -> Result<()> {
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
             .with_context(|| format!("cannot set the mode of {}", socket.display()))?;
     }
+    Ok(listener)
+}
+
+/// Serves `snap` on the unix socket `socket` (and the volume plugin on its own socket,
+/// when configured) until SIGTERM or SIGINT; in-flight requests finish first. Active
+/// snapshots stay active, and volumes mounted, for running containers.
+///
+/// # Errors
+/// When a socket cannot be created.
+pub async fn serve(snap: Arc<Snapshotter>, socket: &Path) -> Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    // Handlers first: once the socket exists, a SIGTERM must mean a graceful stop.
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The plugin socket before containerd's: once that answers, both do.
+    let volumes = match snap.config().volumes.socket.clone() {
+        Some(path) => {
+            let listener = bind_unix(&path).context("volume plugin (`volumes.socket`)")?;
+            if !volume::docker_discoverable(&path) {
+                warn!(socket = %path.display(), "Docker finds plugins by their socket in /run/docker/plugins; for this path write /etc/docker/plugins/thinsnap.spec containing unix://{}", path.display());
+            }
+            info!(socket = %path.display(), mount_dir = %snap.config().volumes.mount_dir.display(), "serving Docker's volume plugin protocol");
+            let task = tokio::spawn(volume::serve(
+                listener,
+                snap.clone(),
+                metrics.clone(),
+                stop_rx,
+            ));
+            Some((path, task))
+        }
+        None => None,
+    };
+    let listener = bind_unix(socket)?;
     if snap.config().async_remove {
         let s = snap.clone();
         tokio::spawn(async move {
@@ -358,11 +386,18 @@ pub async fn serve(snap: Arc<Snapshotter>, socket: &Path) -> Result<()> {
         }))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
-            shutdown_signal(term, int),
+            async move {
+                shutdown_signal(term, int).await;
+                let _ = stop_tx.send(true);
+            },
         )
         .await
         .context("gRPC server failed")?;
     let _ = std::fs::remove_file(socket);
+    if let Some((path, task)) = volumes {
+        let _ = task.await;
+        let _ = std::fs::remove_file(path);
+    }
     info!("stopped");
     Ok(())
 }
