@@ -7,6 +7,7 @@ mod repair;
 mod snapshot;
 mod status;
 mod table;
+mod volume;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
@@ -57,6 +58,9 @@ pub enum Command {
     /// Import and export images
     #[command(subcommand)]
     Image(image::ImageCmd),
+    /// Docker volumes, through the running daemon's volume plugin socket.
+    #[command(subcommand)]
+    Volume(volume::VolumeCmd),
     /// Remove what containerd no longer references: finish pending removals, delete thin
     /// devices no snapshot records, remove stale devices; prints what it freed.
     Gc {
@@ -151,6 +155,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Check => repair::run(&cli.load_config()?, false),
         Command::Repair => repair::run(&cli.load_config()?, true),
         Command::Image(cmd) => image::run(&cli.load_config()?, cmd),
+        Command::Volume(cmd) => volume::run(&cli.load_config()?, cmd),
         Command::Bench(crate::bench::BenchCmd::Import(opts)) => {
             crate::bench::import::run(&cli.load_config()?, opts)
         }

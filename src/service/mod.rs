@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod client;
+pub mod plugin_client;
 mod status;
 pub mod volume;
 
