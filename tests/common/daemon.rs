@@ -30,9 +30,11 @@ pub struct Daemon {
     pub pool: PoolName,
 }
 
-/// Configuration of a test daemon: 1 GiB snapshots, plus top-level lines `extra`, and a
-/// pool section: `pool` lines (default: a loopback pool of 4 GiB data, 64 MiB metadata).
+/// Configuration of a test daemon: 1 GiB snapshots, plus top-level lines `extra` (where
+/// `{dir}` stands for the test's directory), and a pool section: `pool` lines (default: a
+/// loopback pool of 4 GiB data, 64 MiB metadata).
 pub fn test_config(dir: &Path, name: &PoolName, extra: &str, pool: Option<&str>) -> String {
+    let extra = extra.replace("{dir}", &dir.display().to_string());
     let pool = pool.unwrap_or("[pool.loopback]\ndata_size = \"4G\"\nmetadata_size = \"64M\"");
     let size = if extra.contains("default_size") {
         ""
@@ -169,6 +171,14 @@ impl Daemon {
         if let Some(mut child) = self.child.take() {
             child.kill().unwrap();
             child.wait().unwrap();
+        }
+    }
+
+    /// A client of the daemon's Docker volume plugin socket, `{dir}/volume.sock` (start the
+    /// daemon with [`super::volume::CONFIG`]).
+    pub fn plugin(&self) -> super::volume::Plugin {
+        super::volume::Plugin {
+            socket: self.dir.path().join("volume.sock"),
         }
     }
 

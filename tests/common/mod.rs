@@ -6,6 +6,7 @@
 pub mod containerd;
 pub mod daemon;
 pub mod image;
+pub mod volume;
 
 use std::{
     fs,
