@@ -487,6 +487,12 @@ impl Config {
             },
             mount_options: v.mount_options,
         };
+        if volumes.socket.as_deref() == Some(socket.as_path()) {
+            bail!(
+                "bad value for `volumes.socket`: {:?} is containerd's `socket`; the volume plugin needs a socket of its own (e.g. \"/run/docker/plugins/thinsnap.sock\")",
+                socket
+            );
+        }
         if volumes.default_size < default_size {
             bail!(
                 "bad value for `volumes.default_size`: {} is smaller than `default_size` ({}), the size of the base filesystem every volume starts from",
@@ -649,6 +655,10 @@ mod tests {
             ("[volumes]\nfilesystem = \"zfs\"", "volumes.filesystem"),
             ("[volumes]\ndefault_size = \"1M\"", "volumes.default_size"),
             ("[volumes]\nsize = \"1G\"", "size"),
+            (
+                "socket = \"/run/x.sock\"\n[volumes]\nsocket = \"/run/x.sock\"",
+                "volumes.socket",
+            ),
         ] {
             let e = Config::parse(text).unwrap_err();
             assert!(format!("{e:#}").contains(key), "{text}: {e:#}");

@@ -184,7 +184,15 @@ fn loop_volume_lifecycle_through_every_endpoint() {
     // Mounted again: the data is there.
     let mp = p.mount("data", "c3");
     assert_eq!(std::fs::read(mp.join("hello")).unwrap(), b"hello");
+    // Unmounted behind thinsnap's back: the next Mount mounts it again rather than hand
+    // out the empty directory.
+    thinpool::fs::umount(&mp).unwrap();
+    assert_eq!(p.mount("data", "c4"), mp);
+    assert!(is_mounted(&mp));
+    assert_eq!(std::fs::read(mp.join("hello")).unwrap(), b"hello");
     p.unmount("data", "c3");
+    p.unmount("data", "c4");
+    assert!(!is_mounted(&mp));
     p.remove("data");
     assert!(!p.exists("data"));
     let (status, err) = p.fails("VolumeDriver.Get", &json!({"Name": "data"}));

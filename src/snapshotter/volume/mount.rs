@@ -37,7 +37,9 @@ impl Snapshotter {
         let mut v = self.volume(name)?;
         let dir = self.volume_dir(name);
         let boot = boot_id();
-        let first = v.mounts.is_empty();
+        // Mounted already for other ids, unless someone unmounted it behind our back:
+        // then mount it again rather than hand out an empty directory on the host.
+        let first = v.mounts.is_empty() || !thinpool::fs::is_mounted(&dir)?;
         if first {
             self.mount_volume_dir(&v)?;
             fp("volume-mount.after-mount");
