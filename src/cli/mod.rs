@@ -178,6 +178,9 @@ fn serve(config: &Config) -> Result<ExitCode> {
     let _lock = StateLock::acquire(&config.lock_path())?;
     let socket = config.socket.clone();
     let snap = Snapshotter::open(config.clone()).context("cannot open the pool")?;
+    if let Some(why) = snap.unfinished_job()? {
+        anyhow::bail!("not serving: {why}");
+    }
     let report = snap
         .recover(true)
         .context("startup reconciliation failed")?;
