@@ -2,6 +2,7 @@
 
 mod gc;
 mod image;
+mod migrate;
 mod pool;
 mod repair;
 mod snapshot;
@@ -57,6 +58,9 @@ pub enum Command {
     /// Import and export images
     #[command(subcommand)]
     Image(image::ImageCmd),
+    /// Take over another storage driver's devices (Docker's devicemapper driver).
+    #[command(subcommand)]
+    Migrate(migrate::MigrateCmd),
     /// Remove what containerd no longer references: finish pending removals, delete thin
     /// devices no snapshot records, remove stale devices; prints what it freed.
     Gc {
@@ -151,6 +155,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Check => repair::run(&cli.load_config()?, false),
         Command::Repair => repair::run(&cli.load_config()?, true),
         Command::Image(cmd) => image::run(&cli.load_config()?, cmd),
+        Command::Migrate(cmd) => migrate::run(&cli.config, cmd),
         Command::Bench(crate::bench::BenchCmd::Import(opts)) => {
             crate::bench::import::run(&cli.load_config()?, opts)
         }
