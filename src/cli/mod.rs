@@ -240,6 +240,7 @@ mod tests {
                 include_str!("../../docs/benchmarks.md"),
             ),
             ("docs/vm.md", include_str!("../../docs/vm.md")),
+            ("docs/docker.md", include_str!("../../docs/docker.md")),
         ];
         let mut checked = 0;
         let mut bad = Vec::new();
