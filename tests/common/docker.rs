@@ -400,10 +400,10 @@ impl DockerDm {
     }
 
     /// Every file under Docker's root with its content's hash (the large, sparse data file
-    /// by size and mtime; the pool's metadata file only `with_pool_metadata`, as reading a
-    /// live pool's thin ids takes a metadata snapshot, which writes it): what a dry run
-    /// must not change.
-    pub fn files(&self, with_pool_metadata: bool) -> BTreeMap<String, String> {
+    /// by size and mtime): what a dry run must not change. Without `inactive_pool`, the
+    /// pool's files are only listed: a live pool writes them by itself (a mounted
+    /// filesystem's journal commits, a metadata snapshot to read its thin ids).
+    pub fn files(&self, inactive_pool: bool) -> BTreeMap<String, String> {
         fn walk(dir: &Path, base: &Path, meta: bool, out: &mut BTreeMap<String, String>) {
             for e in fs::read_dir(dir).unwrap().flatten() {
                 let p = e.path();
@@ -411,20 +411,21 @@ impl DockerDm {
                 if p.is_dir() {
                     out.insert(format!("{rel}/"), String::new());
                     walk(&p, base, meta, out);
+                } else if rel.starts_with("devicemapper/devicemapper/") && !meta {
+                    out.insert(rel, String::new());
                 } else if rel.ends_with("devicemapper/data") {
                     let m = fs::metadata(&p).unwrap();
                     out.insert(
                         rel,
                         format!("size {} mtime {}.{}", m.len(), m.mtime(), m.mtime_nsec()),
                     );
-                } else if rel.ends_with("devicemapper/devicemapper/metadata") && !meta {
                 } else {
                     out.insert(rel, super::sha256_file(&p));
                 }
             }
         }
         let mut out = BTreeMap::new();
-        walk(&self.root, &self.root, with_pool_metadata, &mut out);
+        walk(&self.root, &self.root, inactive_pool, &mut out);
         out
     }
 
