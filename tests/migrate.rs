@@ -3,7 +3,9 @@
 //! A dry run changes nothing; the real run adopts image layers by chain id, a container
 //! on its `-init` layer, and the base device, with every `rootfs/` made the root; Docker's
 //! open transaction is rolled back and its pending deletions done; leaked thin ids are
-//! adopted, not deleted; a device still in use makes it refuse without a change.
+//! adopted, not deleted; a device still in use makes it refuse without a change; an LVM
+//! pool given with dm.thinpooldev is adopted as an LVM pool; a run killed at any crash
+//! point finishes when run again.
 
 mod common;
 
@@ -68,11 +70,16 @@ fn daemon_config(dir: &Path, pool: &thinpool::PoolName, lines: &str) -> String {
 }
 
 fn migrate(config: &Path, docker: &DockerDm, dry_run: bool) -> Output {
+    migrate_with(config, docker, dry_run, &[])
+}
+
+fn migrate_with(config: &Path, docker: &DockerDm, dry_run: bool, extra: &[&str]) -> Output {
     let root = docker.root.to_str().unwrap();
     let mut args = vec!["migrate", "docker-devicemapper", "--root", root];
     if dry_run {
         args.push("--dry-run");
     }
+    args.extend(extra);
     thinsnap(config, &args)
 }
 
@@ -483,6 +490,82 @@ fn loop_migrate_refuses_while_docker_uses_a_device() {
     assert!(!dir.path().join("state/metadata.redb").exists());
     assert_eq!(fs::read_to_string(rootfs.join("hello")).unwrap(), "hi");
     // Drop: "Docker" unmounts and deactivates its devices.
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loop_migrate_docker_lvm_thinpooldev() {
+    // Docker's pool is an LVM thin pool given with dm.thinpooldev; its PV file lives
+    // outside the daemon's directory and outlives the daemon, which removes only the LV.
+    let docker_dir = scratch_dir();
+    let vg = format!("tsdocker{}", std::process::id());
+    let mut docker = DockerDm::new_lvm(docker_dir.path(), &vg, GIB);
+    let l1 = docker.add_layer(None, "ubuntu", |r| {
+        fs::create_dir_all(r.join("etc")).unwrap();
+        fs::write(r.join("etc/lsb-release"), "DISTRIB_ID=Ubuntu\n").unwrap();
+    });
+    let cid = hex_id("lvm container");
+    docker.add_container(&cid, &l1, |r| {
+        fs::write(r.join("state"), "lvm").unwrap();
+    });
+    docker.stop(true); // the pool stays: it is LVM's
+    let pooldev = docker.pool.to_string();
+
+    let dir = scratch_dir();
+    let pool = unique_pool_name();
+    let config = dir.path().join("config.toml");
+    let lines = format!("source = \"lvm\"\n[pool.lvm]\nvg = \"{vg}\"\nlv = \"thinpool\"");
+    fs::write(&config, daemon_config(dir.path(), &pool, &lines)).unwrap();
+
+    let err = fails(migrate(&config, &docker, true));
+    assert!(err.contains("--thinpooldev"), "{err}");
+    let dry = ok(migrate_with(
+        &config,
+        &docker,
+        true,
+        &["--thinpooldev", &pooldev],
+    ));
+    println!("{dry}");
+    for want in [
+        format!("pool: LVM thin pool {vg}/thinpool"),
+        "blocks of 512 KiB".to_string(),
+        format!("committed {l1} (thin id 2"),
+        format!("active    docker/container/{cid} (thin id 4"),
+        "uses this pool".to_string(),
+    ] {
+        assert!(dry.contains(&want), "{want:?} missing from:\n{dry}");
+    }
+    let dev = format!("/dev/mapper/{pooldev}");
+    let done = ok(migrate_with(
+        &config,
+        &docker,
+        false,
+        &["--thinpooldev", &dev],
+    ));
+    println!("{done}");
+    docker.migrated = true;
+    assert!(docker.active().is_empty(), "{:?}", docker.active());
+    ok(thinsnap(&config, &["check"]));
+
+    let d = Daemon::start_in(dir, pool);
+    let mut c = d.client().await;
+    let v = Mounted::new(d.dir.path(), "v", &c.view("v", &l1).await.unwrap());
+    assert_eq!(
+        fs::read_to_string(v.path.join("etc/lsb-release")).unwrap(),
+        "DISTRIB_ID=Ubuntu\n"
+    );
+    drop(v);
+    let rw = format!("docker/container/{cid}");
+    let w = Mounted::new(d.dir.path(), "w", &c.mounts(&rw).await.unwrap());
+    assert_eq!(fs::read_to_string(w.path.join("state")).unwrap(), "lvm");
+    assert!(w.path.join(".dockerenv").exists());
+    drop(w);
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(d.cli(&["pool", "status", "--json"]))).unwrap();
+    assert_eq!(st["source"], format!("LVM thin pool {vg}/thinpool"), "{st}");
+    assert_eq!(
+        st["thin_devices"], 5,
+        "base, layer, init, container, view: {st}"
+    );
 }
 
 const CRASH_POINTS: [&str; 5] = [

@@ -40,8 +40,10 @@ pub struct DockerDm {
     pub prefix: String,
     pub pool: DmNameBuf,
     pub pool_dev: Device,
-    pub data: LoopFile,
-    pub meta: LoopFile,
+    /// The loop devices of the loopback pool's `data` and `metadata` files.
+    pub loops: Vec<LoopFile>,
+    /// A `dm.thinpooldev` LVM pool's volume group and the loop device of its PV.
+    pub lvm: Option<(String, LoopFile)>,
     pub block_size: u64,
     pub base_size: u64,
     /// The pool's transaction id as Docker tracks it.
@@ -73,19 +75,13 @@ fn run(cmd: &str, args: &[&str]) -> String {
 }
 
 impl DockerDm {
-    /// Starts "Docker" on `<dir>/docker`: loopback files, the pool, the base device with
-    /// an ext4 filesystem, `deviceset-metadata`. `block_size` is in sectors (Docker's
-    /// `dm.blocksize`), `base_size` in bytes (`dm.basesize`).
+    /// Starts "Docker" on `<dir>/docker` with its loopback pool: the sparse files, the
+    /// pool, the base device with an ext4 filesystem, `deviceset-metadata`. `block_size`
+    /// is in sectors (Docker's `dm.blocksize`), `base_size` in bytes (`dm.basesize`).
     pub fn new(dir: &Path, block_size: u64, base_size: u64) -> DockerDm {
         super::require_dm();
-        let root = dir.join("docker");
-        let home = root.join("devicemapper");
-        fs::create_dir_all(home.join("metadata")).unwrap();
+        let (root, home, prefix) = Self::home(dir);
         fs::create_dir_all(home.join("devicemapper")).unwrap();
-        let st = fs::metadata(&home).unwrap();
-        let dev = st.dev();
-        let (major, minor) = ((dev >> 8) & 0xfff, (dev & 0xff) | ((dev >> 12) & 0xfff00));
-        let prefix = format!("docker-{major}:{minor}-{}", st.ino());
         let data_file = home.join("devicemapper/data");
         let meta_file = home.join("devicemapper/metadata");
         loopback::create_sparse(&data_file, 4 * GIB).unwrap();
@@ -103,14 +99,118 @@ impl DockerDm {
             &[(0, *bytes_to_sectors(4 * GIB), "thin-pool".into(), params)],
         )
         .unwrap();
+        Self::start(
+            root,
+            home,
+            prefix,
+            pool,
+            info.device(),
+            vec![data, meta],
+            None,
+            block_size,
+            base_size,
+        )
+    }
+
+    /// Starts "Docker" on `<dir>/docker` with `--storage-opt dm.thinpooldev=` an LVM thin
+    /// pool `<vg>/thinpool` made as Docker's docs and its direct-lvm setup make it (on a
+    /// loop-backed PV here): `lvcreate` data and metadata volumes, `lvconvert --thinpool`
+    /// with 512 KiB chunks and no zeroing.
+    pub fn new_lvm(dir: &Path, vg: &str, base_size: u64) -> DockerDm {
+        super::require_dm();
+        let (root, home, prefix) = Self::home(dir);
+        let pv_file = dir.join("pv.img");
+        loopback::create_sparse(&pv_file, 4 * GIB).unwrap();
+        let pv = loopback::attach(&pv_file, false).unwrap();
+        let dev = pv.dev_path.to_str().unwrap().to_string();
+        let lvm = |args: &[&str]| thinpool::cmd::lvm(args).unwrap();
+        lvm(&["pvcreate", "-f", &dev]);
+        lvm(&["vgcreate", vg, &dev]);
+        lvm(&[
+            "lvcreate",
+            "--wipesignatures",
+            "y",
+            "-n",
+            "thinpool",
+            vg,
+            "--extents",
+            "95%VG",
+        ]);
+        lvm(&[
+            "lvcreate",
+            "--wipesignatures",
+            "y",
+            "-n",
+            "thinpoolmeta",
+            vg,
+            "--extents",
+            "1%VG",
+        ]);
+        lvm(&[
+            "lvconvert",
+            "-y",
+            "--zero",
+            "n",
+            "-c",
+            "512K",
+            "--thinpool",
+            &format!("{vg}/thinpool"),
+            "--poolmetadata",
+            &format!("{vg}/thinpoolmeta"),
+        ]);
+        lvm(&["lvchange", "-ay", &format!("{vg}/thinpool")]);
+        let base = format!("{}-thinpool", vg.replace('-', "--"));
+        let pool = [format!("{base}-tpool"), base]
+            .into_iter()
+            .map(|n| DmNameBuf::new(n).unwrap())
+            .find(|n| dm::info(n).unwrap().is_some() && dm::table(n).unwrap().1 == "thin-pool")
+            .expect("an active thin-pool device of the LV");
+        let dev = dm::info(&pool).unwrap().unwrap().device();
+        let lvm = Some((vg.to_string(), pv));
+        Self::start(
+            root,
+            home,
+            prefix,
+            pool,
+            dev,
+            Vec::new(),
+            lvm,
+            1024,
+            base_size,
+        )
+    }
+
+    fn home(dir: &Path) -> (PathBuf, PathBuf, String) {
+        let root = dir.join("docker");
+        let home = root.join("devicemapper");
+        fs::create_dir_all(home.join("metadata")).unwrap();
+        let st = fs::metadata(&home).unwrap();
+        let dev = st.dev();
+        let (major, minor) = ((dev >> 8) & 0xfff, (dev & 0xff) | ((dev >> 12) & 0xfff00));
+        let prefix = format!("docker-{major}:{minor}-{}", st.ino());
+        (root, home, prefix)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        root: PathBuf,
+        home: PathBuf,
+        prefix: String,
+        pool: DmNameBuf,
+        pool_dev: Device,
+        loops: Vec<LoopFile>,
+        lvm: Option<(String, LoopFile)>,
+        block_size: u64,
+        base_size: u64,
+    ) -> DockerDm {
         let mut d = DockerDm {
             root,
             home,
             prefix,
             pool,
-            pool_dev: info.device(),
-            data,
-            meta,
+            pool_dev,
+            loops,
+            lvm,
             block_size,
             base_size,
             txn: 0,
@@ -350,16 +450,18 @@ impl DockerDm {
     }
 
     /// Docker's Shutdown: saves deviceset-metadata, deactivates its devices and (a clean
-    /// stop) its loopback pool, whose loop devices then go away.
+    /// stop) its loopback pool, whose loop devices then go away. A `dm.thinpooldev` pool
+    /// is not Docker's to deactivate.
     pub fn stop(&self, clean: bool) {
         self.save_deviceset();
         for h in self.devices.keys() {
             self.deactivate(h);
         }
-        if clean {
+        if clean && self.lvm.is_none() {
             dm::remove(&self.pool, RemoveMode::Now).unwrap();
-            self.data.detach().unwrap();
-            self.meta.detach().unwrap();
+            for l in &self.loops {
+                l.detach().unwrap();
+            }
         }
     }
 
@@ -380,9 +482,12 @@ impl DockerDm {
 
     fn thin_ids_from_dump(&self) -> Vec<u32> {
         // thin_dump of a metadata snapshot, as an admin would check it.
+        let (_, _, params) = dm::table(&self.pool).unwrap();
+        let meta = dm::parse_device(params.split_whitespace().next().unwrap()).unwrap();
+        let meta = dm::devnode(meta).unwrap();
         self.message("reserve_metadata_snap");
         let out = Command::new("thin_dump")
-            .args(["-m", self.meta.dev_path.to_str().unwrap()])
+            .args(["-m", meta.to_str().unwrap()])
             .output()
             .unwrap();
         self.message("release_metadata_snap");
@@ -442,19 +547,30 @@ impl DockerDm {
 
 impl Drop for DockerDm {
     fn drop(&mut self) {
-        if self.migrated || std::env::var_os("THINSNAP_KEEP_TEST_DEVICES").is_some() {
+        if std::env::var_os("THINSNAP_KEEP_TEST_DEVICES").is_some() {
             return;
         }
-        for m in super::mounts_under(&self.home).into_iter().rev() {
-            let _ = thinpool::fs::umount(&m);
-        }
-        for n in self.active() {
-            if n != self.pool.to_string() {
-                let _ = dm::remove(&DmNameBuf::new(n).unwrap(), RemoveMode::Now);
+        if !self.migrated {
+            for m in super::mounts_under(&self.home).into_iter().rev() {
+                let _ = thinpool::fs::umount(&m);
+            }
+            for n in self.active() {
+                if n != self.pool.to_string() {
+                    let _ = dm::remove(&DmNameBuf::new(n).unwrap(), RemoveMode::Now);
+                }
+            }
+            if self.lvm.is_none() {
+                let _ = dm::remove(&self.pool, RemoveMode::Now);
+            }
+            for l in &self.loops {
+                let _ = l.detach();
             }
         }
-        let _ = dm::remove(&self.pool, RemoveMode::Now);
-        let _ = self.data.detach();
-        let _ = self.meta.detach();
+        // The volume group outlives a migration (thinsnap removes only the pool's LV).
+        if let Some((vg, pv)) = &self.lvm {
+            let _ = thinpool::cmd::lvm(&["vgremove", "-y", "-f", vg]);
+            let _ = thinpool::cmd::lvm(&["pvremove", "-y", pv.dev_path.to_str().unwrap()]);
+            let _ = pv.detach();
+        }
     }
 }
