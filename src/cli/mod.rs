@@ -2,6 +2,7 @@
 
 mod gc;
 mod image;
+mod migrate;
 mod pool;
 mod repair;
 mod snapshot;
@@ -61,6 +62,9 @@ pub enum Command {
     /// Docker volumes, through the running daemon's volume plugin socket.
     #[command(subcommand)]
     Volume(volume::VolumeCmd),
+    /// Take over another storage driver's devices (Docker's devicemapper driver).
+    #[command(subcommand)]
+    Migrate(migrate::MigrateCmd),
     /// Remove what containerd no longer references: finish pending removals, delete thin
     /// devices no snapshot records, remove stale devices; prints what it freed.
     Gc {
@@ -156,6 +160,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Repair => repair::run(&cli.load_config()?, true),
         Command::Image(cmd) => image::run(&cli.load_config()?, cmd),
         Command::Volume(cmd) => volume::run(&cli.load_config()?, cmd),
+        Command::Migrate(cmd) => migrate::run(&cli.config, cmd),
         Command::Bench(crate::bench::BenchCmd::Import(opts)) => {
             crate::bench::import::run(&cli.load_config()?, opts)
         }
@@ -183,6 +188,9 @@ fn serve(config: &Config) -> Result<ExitCode> {
     let _lock = StateLock::acquire(&config.lock_path())?;
     let socket = config.socket.clone();
     let snap = Snapshotter::open(config.clone()).context("cannot open the pool")?;
+    if let Some(why) = snap.unfinished_job()? {
+        anyhow::bail!("not serving: {why}");
+    }
     let report = snap
         .recover(true)
         .context("startup reconciliation failed")?;

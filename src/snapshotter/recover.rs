@@ -91,6 +91,9 @@ impl Snapshotter {
 
     fn reconcile(&self, apply: bool, startup: bool) -> Result<Report> {
         let mut report = Report::default();
+        if let Some(why) = self.unfinished_job()? {
+            report.problems.push(why);
+        }
         let records = self.store.read()?.all()?;
         let bases = self.store.read()?.bases()?;
         let (in_pool, active) = self.kernel_view()?;
@@ -208,6 +211,17 @@ impl Snapshotter {
             tx.commit()?;
         }
         Ok(report)
+    }
+
+    /// Why the store is not ready to serve, if a job that must finish first (a migration)
+    /// is unfinished.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub fn unfinished_job(&self) -> Result<Option<String>> {
+        Ok((self.store.read()?.meta(crate::store::META_JOB_PENDING)? != 0).then(|| {
+            "a migration from Docker's devicemapper driver is unfinished: run `thinsnap migrate docker-devicemapper` again to finish it".to_string()
+        }))
     }
 
     /// Snapshots in the store, for diagnostics.

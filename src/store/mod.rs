@@ -1,6 +1,6 @@
 //! The crash-safe metadata store: one redb database holding every snapshot's record, the
-//! parent→children index, the thin-id allocation table, the base devices, Docker volumes
-//! and the pool's last recorded transaction id.
+//! parent→children index, the thin-id allocation table, the base devices, Docker volumes,
+//! the pool's last recorded transaction id, and the progress of resumable jobs (migrations).
 //!
 //! Writes follow containerd's devmapper `transition` pattern: a record is committed in a
 //! "trying" state (`Creating`, `Removing`) before the kernel is touched, and in its final
@@ -35,6 +35,11 @@ const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 /// Scalars: `next_thin_id`, `pool_txn`, `schema`, `pool`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const POOL_NAME: TableDefinition<&str, &str> = TableDefinition::new("pool");
+/// Resumable jobs (e.g. `docker-devicemapper`, a migration) → their JSON progress.
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+
+/// Meta key: non-zero while a job that must finish before serving is unfinished.
+pub const META_JOB_PENDING: &str = "job_pending";
 
 /// Page cache of the database, in bytes.
 const CACHE_BYTES: usize = 32 << 20;
@@ -132,6 +137,7 @@ impl Store {
             tx.open_table(THIN_IDS).map_err(|e| store.err(e))?;
             tx.open_table(BASES).map_err(|e| store.err(e))?;
             tx.open_table(VOLUMES).map_err(|e| store.err(e))?;
+            tx.open_table(JOBS).map_err(|e| store.err(e))?;
             let schema = meta
                 .get("schema")
                 .map_err(|e| store.err(e))?
@@ -339,6 +345,16 @@ macro_rules! reads {
                     out.push((k.value(), v.value().to_string()));
                 }
                 Ok(out)
+            }
+
+            /// The recorded progress of job `name`, if any.
+            ///
+            /// # Errors
+            /// [`StoreError::Db`].
+            pub fn job(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {
+                let t = self.tx.open_table(JOBS).map_err(|e| self.store.err(e))?;
+                let v = t.get(name).map_err(|e| self.store.err(e))?;
+                Ok(v.map(|v| v.value().to_vec()))
             }
 
             /// A scalar from the meta table (`next_thin_id`, `pool_txn`).
@@ -568,6 +584,20 @@ impl WriteTx<'_> {
         Ok(())
     }
 
+    /// Records the progress of job `name` (replacing what was recorded).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn put_job(&mut self, name: &str, progress: &[u8]) -> StoreResult<()> {
+        let s = self.store;
+        self.tx
+            .open_table(JOBS)
+            .map_err(|e| s.err(e))?
+            .insert(name, progress)
+            .map_err(|e| s.err(e))?;
+        Ok(())
+    }
+
     /// Commits the transaction durably.
     ///
     /// # Errors
@@ -692,6 +722,19 @@ mod tests {
         let r = s.read().unwrap();
         assert!(r.volumes().unwrap().is_empty());
         assert_eq!(r.thin_ids().unwrap(), vec![(1, "data".into())]);
+    }
+
+    #[test]
+    fn jobs_round_trip() {
+        let (_d, s) = store();
+        assert_eq!(s.read().unwrap().job("j").unwrap(), None);
+        let mut tx = s.write().unwrap();
+        tx.put_job("j", b"{\"step\":1}").unwrap();
+        tx.set_meta(META_JOB_PENDING, 1).unwrap();
+        tx.commit().unwrap();
+        let r = s.read().unwrap();
+        assert_eq!(r.job("j").unwrap().as_deref(), Some(&b"{\"step\":1}"[..]));
+        assert_eq!(r.meta(META_JOB_PENDING).unwrap(), 1);
     }
 
     #[test]

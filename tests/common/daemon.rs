@@ -79,6 +79,24 @@ impl Daemon {
         d
     }
 
+    /// Starts a daemon on the configuration `dir/config.toml` someone else wrote (socket
+    /// `dir/thinsnap.sock`, pool `pool`, e.g. a migrated loopback pool); like the daemon's
+    /// own pool, it is destroyed and checked for leftovers on drop.
+    pub fn start_in(dir: tempfile::TempDir, pool: PoolName) -> Daemon {
+        require_dm();
+        let mut d = Daemon {
+            child: None,
+            env: Vec::new(),
+            owns_pool: true,
+            socket: dir.path().join("thinsnap.sock"),
+            config: dir.path().join("config.toml"),
+            pool,
+            dir,
+        };
+        d.spawn();
+        d
+    }
+
     /// The log file of the daemon's standard error.
     pub fn log(&self) -> PathBuf {
         self.dir.path().join("daemon.log")
