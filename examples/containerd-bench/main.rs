@@ -118,6 +118,9 @@ pub struct ImageTimes {
     pub small_mb: f64,
     pub large_mb: f64,
     pub large_files: u32,
+    /// For each import and run on thinsnap: what (as "busybox import" ...), its seconds,
+    /// and what thinsnap's log says about that time.
+    pub thinsnap_share: Vec<(String, f64, thinsnap_log::LogTimes)>,
 }
 
 /// Everything measured.
@@ -250,7 +253,15 @@ fn measure(
 ) -> Result<Results> {
     let mut api = Api::connect(&containerd.socket, &containerd.namespace)?;
     api.create_lease()?;
-    let images = image_part(args, snapshotters, containerd, &mut api)?;
+    // thinsnap formats its base device at its first Prepare without a parent, once per
+    // pool: not part of any timing. (devmapper formats a new device at every such
+    // Prepare, which the imports measure.)
+    for sn in snapshotters {
+        api.create(sn, false, "warm-up", "")?;
+        api.remove(sn, "warm-up")?;
+    }
+    api.gc()?;
+    let images = image_part(args, snapshotters, containerd, thinsnap, &mut api)?;
 
     eprintln!("== Snapshots API: a committed base per snapshotter");
     for sn in snapshotters {
@@ -317,6 +328,7 @@ fn image_part(
     args: &Args,
     snapshotters: &[String],
     c: &Containerd,
+    thinsnap: &Thinsnap,
     api: &mut Api,
 ) -> Result<ImageTimes> {
     let dir = c.socket.parent().unwrap().with_file_name("images");
@@ -339,8 +351,13 @@ fn image_part(
             let path = dir.join(format!("busybox-{sn}-{round}.tar"));
             let bytes = images::busybox_image(&path, &name, &format!("{sn} {round} {seed0}"))?;
             t.small_mb = bytes as f64 / 1e6;
+            let from = thinsnap_log::len(&thinsnap.log);
             let secs = images::import(c, sn, &path, &name)?;
             eprintln!("import busybox ({:.1} MB) on {sn}: {secs:.2} s", t.small_mb);
+            if sn == THINSNAP {
+                let log = thinsnap_log::read(&thinsnap.log, from);
+                t.thinsnap_share.push(("busybox import".into(), secs, log));
+            }
             t.small.entry(sn.clone()).or_default().push(secs);
             run_image.entry(sn.clone()).or_insert(name);
             std::fs::remove_file(&path)?;
@@ -352,8 +369,13 @@ fn image_part(
             let (archive, bytes) =
                 images::large_image(&sub, &name, args.image_mb, args.image_files, seed)?;
             t.large_mb = bytes as f64 / 1e6;
+            let from = thinsnap_log::len(&thinsnap.log);
             let secs = images::import(c, sn, &archive, &name)?;
             eprintln!("import large ({:.1} MB) on {sn}: {secs:.2} s", t.large_mb);
+            if sn == THINSNAP {
+                let log = thinsnap_log::read(&thinsnap.log, from);
+                t.thinsnap_share.push(("large import".into(), secs, log));
+            }
             t.large.entry(sn.clone()).or_default().push(secs);
             std::fs::remove_dir_all(&sub)?;
         }
@@ -361,8 +383,13 @@ fn image_part(
     for r in 0..args.runs {
         for sn in snapshotters {
             let id = format!("cbench-{sn}-{r}");
+            let from = thinsnap_log::len(&thinsnap.log);
             let secs = images::run(c, sn, &run_image[sn], &id)?;
             eprintln!("ctr run --rm on {sn}: {secs:.2} s");
+            if sn == THINSNAP {
+                let log = thinsnap_log::read(&thinsnap.log, from);
+                t.thinsnap_share.push(("ctr run".into(), secs, log));
+            }
             t.run.entry(sn.clone()).or_default().push(secs);
             // The container's snapshot goes at the next garbage collection: now, untimed,
             // so that it does not run during the next measurement.

@@ -280,6 +280,19 @@ pub fn print(r: &Results) {
         println!();
         println!("## Where thinsnap's time goes");
         println!();
+        for (what, secs, log) in &r.images.thinsnap_share {
+            let total: f64 = log.requests.values().flatten().sum();
+            let parts: Vec<String> = log
+                .requests
+                .iter()
+                .map(|(m, v)| format!("{} {m} {:.2} s", v.len(), v.iter().sum::<f64>() / 1000.0))
+                .collect();
+            println!(
+                "- {what} on thinsnap: {secs:.2} s, of which thinsnap's requests {:.2} s ({})",
+                total / 1000.0,
+                parts.join(", ")
+            );
+        }
         if let Some(ms) = r.dmsetup_ms {
             println!("- one `dmsetup info` process (what devmapper runs several of per operation): p50 {ms:.1} ms");
         }
