@@ -519,12 +519,10 @@ macro_rules! crash_tests {
 crash_tests! {
     loop_crash_base_after_intent: "base.after-intent", Op::PrepareFirst;
     loop_crash_base_after_message: "base.after-message", Op::PrepareFirst;
-    loop_crash_base_after_txn: "base.after-txn", Op::PrepareFirst;
     loop_crash_base_after_mkfs: "base.after-mkfs", Op::PrepareFirst;
     loop_crash_base_after_ready: "base.after-ready", Op::PrepareFirst;
     loop_crash_create_after_intent: "create.after-intent", Op::Prepare;
     loop_crash_create_after_message: "create.after-message", Op::Prepare;
-    loop_crash_create_after_txn: "create.after-txn", Op::Prepare;
     loop_crash_create_after_activate: "create.after-activate", Op::Prepare;
     loop_crash_create_after_grow: "create.after-grow", Op::Prepare;
     loop_crash_create_after_ready: "create.after-ready", Op::Prepare;
@@ -535,7 +533,6 @@ crash_tests! {
     loop_crash_remove_after_discard: "remove.after-discard", Op::Remove;
     loop_crash_remove_after_deactivate: "remove.after-deactivate", Op::Remove;
     loop_crash_remove_after_message: "remove.after-message", Op::Remove;
-    loop_crash_remove_after_txn: "remove.after-txn", Op::Remove;
     loop_crash_remove_after_store: "remove.after-store", Op::Remove;
     loop_crash_grow_after_metadata_file: "grow.after-metadata-file", Op::Grow;
     loop_crash_grow_after_data_file: "grow.after-data-file", Op::Grow;

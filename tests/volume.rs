@@ -708,13 +708,11 @@ macro_rules! crash_tests {
 crash_tests! {
     loop_crash_volume_create_after_intent: "volume.after-intent", Op::Create;
     loop_crash_volume_create_after_message: "volume.after-message", Op::Create;
-    loop_crash_volume_create_after_txn: "volume.after-txn", Op::Create;
     loop_crash_volume_create_after_grow: "volume.after-grow", Op::Create;
     loop_crash_volume_create_after_ready: "volume.after-ready", Op::Create;
     loop_crash_volume_remove_after_mark: "volume-remove.after-mark", Op::Remove;
     loop_crash_volume_remove_after_discard: "volume-remove.after-discard", Op::Remove;
     loop_crash_volume_remove_after_message: "volume-remove.after-message", Op::Remove;
-    loop_crash_volume_remove_after_txn: "volume-remove.after-txn", Op::Remove;
     loop_crash_volume_remove_after_store: "volume-remove.after-store", Op::Remove;
     loop_crash_volume_mount_after_mount: "volume-mount.after-mount", Op::Mount;
     loop_crash_volume_unmount_after_record: "volume-unmount.after-record", Op::Unmount;

@@ -150,7 +150,6 @@ impl Snapshotter {
         let id = Self::thin_id(record)?;
         let origin_id = Self::thin_id(origin)?;
         let txn = self.pool_change("create.after-message", |p| p.create_snapshot(id, origin_id))?;
-        fp("create.after-txn");
         let dev = self.activate(record)?;
         fp("create.after-activate");
         if record.size > origin.size {
@@ -257,7 +256,6 @@ impl Snapshotter {
         let made = (|| -> Result<Record> {
             let id = Self::thin_id(&record)?;
             let txn = self.pool_change("base.after-message", |p| p.create_thin(id))?;
-            fp("base.after-txn");
             let dev = self.activate(&record)?;
             let extra: &[String] = if fstype == self.fs() {
                 &self.config.mkfs_options

@@ -150,28 +150,23 @@ impl Snapshotter {
         self.txn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `change` (one pool metadata message) under the pool lock, then advances the
-    /// pool's transaction id; returns the new id. `failpoint` names the crash point between
-    /// the message and the transaction id.
+    /// Runs `change` (one pool metadata message, which the kernel commits before it returns)
+    /// under the pool lock; returns the pool's transaction id, recorded with the result.
+    /// `failpoint` names the crash point right after the message.
+    ///
+    /// The transaction id is not advanced per operation: recovery finds half-done work from
+    /// the store's Creating/Removing records and probes the thin id (`delete` answers
+    /// ENODATA when it is absent), so a `set_transaction_id` message, a second synchronous
+    /// metadata commit on every Prepare, View and Remove, bought nothing. It also leaves the
+    /// id alone for tools that own it (LVM on an LVM thin pool).
     fn pool_change(
         &self,
         failpoint: &'static str,
         change: impl FnOnce(&ThinPool) -> thinpool::Result<()>,
     ) -> Result<u64> {
-        let mut txn = self.lock_txn();
+        let txn = self.lock_txn();
         change(&self.pool).map_err(pool_error)?;
         thinpool::failpoint::hit(failpoint);
-        let next = *txn + 1;
-        if let Err(e) = self.pool.set_transaction_id(*txn, next) {
-            // Someone else moved it (e.g. another tool on an existing pool): resync.
-            let actual = self.pool.transaction_id()?;
-            self.pool
-                .set_transaction_id(actual, actual + 1)
-                .map_err(|_| Error::Pool(e))?;
-            *txn = actual + 1;
-        } else {
-            *txn = next;
-        }
         Ok(*txn)
     }
 

@@ -469,7 +469,7 @@ impl DockerDm {
     /// metadata file (inactive pool).
     pub fn pool_state(&self) -> (u64, Vec<u32>) {
         if dm::info(&self.pool).unwrap().is_some() {
-            let (_, status) = dm::status(&self.pool).unwrap();
+            let (_, status) = dm::status(&self.pool, true).unwrap();
             let txn = status.split_whitespace().next().unwrap().parse().unwrap();
             (txn, self.thin_ids_from_dump())
         } else {

@@ -180,12 +180,19 @@ pub fn message(name: &DmName, op: &'static str, msg: &str) -> Result<Option<Stri
         .map_err(|e| Error::from_dm(name.to_string(), op, e))
 }
 
-/// The status line of the single target of device `name`: (target type, status).
+/// The status line of the single target of device `name`: (target type, status). Without
+/// `flush` the target is asked not to flush first (`DM_NOFLUSH`: a thin pool then skips its
+/// metadata commit).
 ///
 /// # Errors
 /// [`Error::NotFound`] when the device does not exist; [`Error::Dm`] otherwise.
-pub fn status(name: &DmName) -> Result<(String, String)> {
-    single_line(name, DmOptions::default(), "table_status")
+pub fn status(name: &DmName, flush: bool) -> Result<(String, String)> {
+    let opts = if flush {
+        DmOptions::default()
+    } else {
+        DmOptions::default().set_flags(DmFlags::DM_NOFLUSH)
+    };
+    single_line(name, opts, "table_status")
 }
 
 /// The live table of the single target of device `name`: (target type, parameters).

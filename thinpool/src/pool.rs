@@ -464,12 +464,27 @@ impl ThinPool {
         PoolTable::parse(len, &params)
     }
 
-    /// The pool's current status from the kernel.
+    /// The pool's current status from the kernel (the kernel commits the pool's metadata
+    /// first, so the figures are exact).
     ///
     /// # Errors
     /// [`Error::Dm`] when the status cannot be read; [`Error::Invalid`] if it cannot be parsed.
     pub fn status(&self) -> Result<PoolStatus> {
-        let (_, line) = dm::status(&self.dm_name)?;
+        self.status_with(true)
+    }
+
+    /// The pool's status without the metadata commit the kernel otherwise does before
+    /// answering: figures may lag by the kernel's commit period (1 s), and the call costs
+    /// no synchronous metadata write. For checks on every request.
+    ///
+    /// # Errors
+    /// As [`ThinPool::status`].
+    pub fn status_noflush(&self) -> Result<PoolStatus> {
+        self.status_with(false)
+    }
+
+    fn status_with(&self, flush: bool) -> Result<PoolStatus> {
+        let (_, line) = dm::status(&self.dm_name, flush)?;
         let table = self.table()?;
         let parsed = ThinPoolStatus::from_str(&line)
             .map_err(|e| Error::invalid(format!("status of {}", &*self.dm_name), e.to_string()))?;
@@ -513,7 +528,7 @@ impl ThinPool {
     /// # Errors
     /// As described, and as [`ThinPool::status`].
     pub fn check_writable(&self) -> Result<PoolStatus> {
-        let st = self.status()?;
+        let st = self.status_noflush()?;
         let degraded = |mode: &str, hint| Error::Degraded {
             pool: self.name.to_string(),
             mode: mode.to_string(),
@@ -930,7 +945,7 @@ fn finish_interrupted_grow(
     meta.grow(meta_bytes)?;
     let data_len = units::bytes_to_sectors(data_bytes);
     let data_len = Sectors(*data_len - *data_len % *table.block_size);
-    let (_, line) = dm::status(dm_name)?;
+    let (_, line) = dm::status(dm_name, true)?;
     let meta_total = match ThinPoolStatus::from_str(&line) {
         Ok(ThinPoolStatus::Working(w)) => *w.usage.total_meta * META_BLOCK_BYTES,
         _ => meta_bytes,

@@ -260,7 +260,7 @@ impl ThinPool {
     /// the device failed.
     pub fn thin_usage(&self, id: ThinId) -> Result<ThinUsage> {
         let name = self.thin_name(id);
-        let (_, line) = dm::status(&name)?;
+        let (_, line) = dm::status(&name, true)?;
         match line.parse::<ThinStatus>() {
             Ok(ThinStatus::Working(w)) => Ok(ThinUsage {
                 mapped: w.nr_mapped_sectors,

@@ -143,7 +143,6 @@ impl Snapshotter {
         let txn = self.pool_change("volume.after-message", |p| {
             p.create_snapshot(id, origin.thin_id)
         })?;
-        fp("volume.after-txn");
         if v.size > origin.size {
             // Grown online at the volume's own mountpoint, which recovery knows to unmount
             // if a crash leaves it.

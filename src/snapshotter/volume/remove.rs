@@ -85,7 +85,6 @@ impl Snapshotter {
             e => Error::Pool(e),
         })?;
         let txn = self.pool_change("volume-remove.after-message", |p| p.delete_thin(id))?;
-        fp("volume-remove.after-txn");
         let mut tx = self.store.write()?;
         tx.delete_volume(&v.name)?;
         tx.set_meta("pool_txn", txn)?;
