@@ -85,7 +85,6 @@ impl Snapshotter {
         })?;
         fp("remove.after-deactivate");
         let txn = self.pool_change("remove.after-message", |p| p.delete_thin(id))?;
-        fp("remove.after-txn");
         let mut tx = self.store.write()?;
         tx.delete(&record.key, true)?;
         tx.set_meta("pool_txn", txn)?;
@@ -104,7 +103,7 @@ impl Snapshotter {
         let pending: Vec<Record> = self
             .store
             .read()?
-            .all()?
+            .unsettled()?
             .into_iter()
             .filter(|r| r.state == State::Removing)
             .collect();

@@ -27,6 +27,12 @@ const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots"
 const CHILDREN: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("children");
 /// Thin id → owner (snapshot key, `base:<fs>` or `volume:<name>`).
 const THIN_IDS: TableDefinition<u32, &str> = TableDefinition::new("thin_ids");
+/// Snapshot keys whose record is not Ready (Creating or Removing), so Cleanup finds pending
+/// removals without reading every record.
+const UNSETTLED: TableDefinition<&str, ()> = TableDefinition::new("unsettled");
+/// Meta key: set once [`UNSETTLED`] indexes every record (stores made before it existed are
+/// indexed at their first open).
+const META_UNSETTLED_INDEXED: &str = "unsettled_indexed";
 /// Base devices: filesystem name → JSON [`Record`].
 const BASES: TableDefinition<&str, &[u8]> = TableDefinition::new("bases");
 /// Docker volumes: volume name → JSON [`Volume`]. A table of their own, so volume names
@@ -138,6 +144,27 @@ impl Store {
             tx.open_table(BASES).map_err(|e| store.err(e))?;
             tx.open_table(VOLUMES).map_err(|e| store.err(e))?;
             tx.open_table(JOBS).map_err(|e| store.err(e))?;
+            let mut unsettled = tx.open_table(UNSETTLED).map_err(|e| store.err(e))?;
+            if meta
+                .get(META_UNSETTLED_INDEXED)
+                .map_err(|e| store.err(e))?
+                .is_none()
+            {
+                let t = tx.open_table(SNAPSHOTS).map_err(|e| store.err(e))?;
+                for entry in t.iter().map_err(|e| store.err(e))? {
+                    let (k, v) = entry.map_err(|e| store.err(e))?;
+                    let r: Record =
+                        serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode {
+                            key: k.value().to_string(),
+                            source,
+                        })?;
+                    if r.state != State::Ready {
+                        unsettled.insert(k.value(), ()).map_err(|e| store.err(e))?;
+                    }
+                }
+                meta.insert(META_UNSETTLED_INDEXED, 1)
+                    .map_err(|e| store.err(e))?;
+            }
             let schema = meta
                 .get("schema")
                 .map_err(|e| store.err(e))?
@@ -256,6 +283,31 @@ macro_rules! reads {
                             source,
                         }
                     })?);
+                }
+                Ok(out)
+            }
+
+            /// Every snapshot record that is not Ready (Creating or Removing), in key order;
+            /// the cost does not grow with the number of Ready snapshots.
+            ///
+            /// # Errors
+            /// [`StoreError`] on database or decoding failure.
+            pub fn unsettled(&self) -> StoreResult<Vec<Record>> {
+                let keys: Vec<String> = {
+                    let t = self
+                        .tx
+                        .open_table(UNSETTLED)
+                        .map_err(|e| self.store.err(e))?;
+                    let mut keys = Vec::new();
+                    for entry in t.iter().map_err(|e| self.store.err(e))? {
+                        let (k, _) = entry.map_err(|e| self.store.err(e))?;
+                        keys.push(k.value().to_string());
+                    }
+                    keys
+                };
+                let mut out = Vec::with_capacity(keys.len());
+                for k in keys {
+                    out.extend(self.get(&k)?);
                 }
                 Ok(out)
             }
@@ -410,6 +462,16 @@ impl WriteTx<'_> {
         }
         ids.insert(record.thin_id, record.key.as_str())
             .map_err(|e| s.err(e))?;
+        let mut unsettled = self.tx.open_table(UNSETTLED).map_err(|e| s.err(e))?;
+        if record.state == State::Ready {
+            unsettled
+                .remove(record.key.as_str())
+                .map_err(|e| s.err(e))?;
+        } else {
+            unsettled
+                .insert(record.key.as_str(), ())
+                .map_err(|e| s.err(e))?;
+        }
         let mut t = self.tx.open_table(SNAPSHOTS).map_err(|e| s.err(e))?;
         t.insert(record.key.as_str(), encode(record).as_slice())
             .map_err(|e| s.err(e))?;
@@ -444,6 +506,8 @@ impl WriteTx<'_> {
                 ids.remove(old.thin_id).map_err(|e| s.err(e))?;
             }
         }
+        let mut unsettled = self.tx.open_table(UNSETTLED).map_err(|e| s.err(e))?;
+        unsettled.remove(key).map_err(|e| s.err(e))?;
         let mut t = self.tx.open_table(SNAPSHOTS).map_err(|e| s.err(e))?;
         t.remove(key).map_err(|e| s.err(e))?;
         Ok(Some(old))
@@ -603,6 +667,7 @@ impl WriteTx<'_> {
     /// # Errors
     /// [`StoreError::Db`].
     pub fn commit(self) -> StoreResult<()> {
+        let _span = tracing::info_span!("store_commit").entered();
         let s = self.store;
         self.tx.commit().map_err(|e| s.err(e))
     }
@@ -656,6 +721,54 @@ mod tests {
         let r = s.read().unwrap();
         assert!(!r.has_children("base").unwrap());
         assert_eq!(r.thin_ids().unwrap(), vec![(1, "base".into())]);
+    }
+
+    #[test]
+    fn unsettled_lists_exactly_the_records_not_ready() {
+        let keys = |s: &Store| -> Vec<String> {
+            let r = s.read().unwrap();
+            r.unsettled().unwrap().into_iter().map(|r| r.key).collect()
+        };
+        let (d, s) = store();
+        let mut ready = rec("ready", None, 1);
+        ready.state = State::Ready;
+        let mut removing = rec("removing", None, 2);
+        removing.state = State::Removing;
+        let creating = rec("creating", None, 3);
+        assert_eq!(creating.state, State::Creating);
+        let mut tx = s.write().unwrap();
+        for r in [&ready, &removing, &creating] {
+            tx.put(r).unwrap();
+        }
+        tx.commit().unwrap();
+        assert_eq!(keys(&s), ["creating", "removing"]);
+
+        let mut tx = s.write().unwrap();
+        let mut done = creating.clone();
+        done.state = State::Ready;
+        tx.put(&done).unwrap();
+        tx.delete("removing", true).unwrap();
+        tx.commit().unwrap();
+        assert!(keys(&s).is_empty());
+
+        // A store written before the index existed is indexed at its next open.
+        let mut tx = s.write().unwrap();
+        tx.put(&removing).unwrap();
+        tx.commit().unwrap();
+        let tx = s.db.begin_write().unwrap();
+        tx.open_table(UNSETTLED)
+            .unwrap()
+            .remove("removing")
+            .unwrap();
+        tx.open_table(META)
+            .unwrap()
+            .remove(META_UNSETTLED_INDEXED)
+            .unwrap();
+        tx.commit().unwrap();
+        assert!(keys(&s).is_empty());
+        drop(s);
+        let s = Store::open(&d.path().join("m.redb"), "default").unwrap();
+        assert_eq!(keys(&s), ["removing"]);
     }
 
     #[test]
