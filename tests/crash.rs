@@ -497,6 +497,7 @@ macro_rules! crash_tests {
                 include_str!("../src/snapshotter/query.rs"),
                 include_str!("../thinpool/src/pool.rs"),
                 include_str!("../thinpool/src/thin.rs"),
+                include_str!("../thinpool/src/fs.rs"),
                 include_str!("../src/image/mod.rs"),
             ];
             let mut found = std::collections::BTreeSet::new();
@@ -524,6 +525,7 @@ crash_tests! {
     loop_crash_create_after_intent: "create.after-intent", Op::Prepare;
     loop_crash_create_after_message: "create.after-message", Op::Prepare;
     loop_crash_create_after_activate: "create.after-activate", Op::Prepare;
+    loop_crash_create_after_grow_mount: "create.after-grow-mount", Op::Prepare;
     loop_crash_create_after_grow: "create.after-grow", Op::Prepare;
     loop_crash_create_after_ready: "create.after-ready", Op::Prepare;
     loop_crash_commit_after_measure: "commit.after-measure", Op::Commit;

@@ -101,6 +101,18 @@ impl Snapshotter {
             run_action(apply, report, line, f)
         };
 
+        // A process killed while growing a new snapshot's filesystem left it mounted (and
+        // its device open): unmount it first, so rolling back the snapshot can proceed.
+        for dir in thinpool::fs::stale_grow_mounts()? {
+            act(
+                &mut report,
+                format!(
+                    "unmount {} (a filesystem grow interrupted by a crash)",
+                    dir.display()
+                ),
+                &|| thinpool::fs::remove_grow_mount(&dir).map_err(Error::Pool),
+            );
+        }
         for b in &bases {
             if b.state != State::Ready && !startup {
                 continue;

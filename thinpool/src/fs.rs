@@ -182,15 +182,68 @@ pub fn grow_mounted(fs: FsType, dev: &Path, mountpoint: &Path) -> Result<()> {
 /// # Errors
 /// [`Error::Io`] or [`Error::Command`] when any step fails; the temporary mount is removed.
 pub fn grow_unmounted(fs: FsType, dev: &Path) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("thinsnap-grow-{}", std::process::id()));
+    // One directory per call: concurrent Prepares in the daemon may grow two devices at once.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("thinsnap-grow-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
     let res = mount(dev, &dir, fs, fs.required_options()).and_then(|()| {
+        crate::failpoint::hit("create.after-grow-mount");
         let grown = grow_mounted(fs, dev, &dir);
         let unmounted = umount(&dir);
         grown.and(unmounted)
     });
     let _ = std::fs::remove_dir(&dir);
     res
+}
+
+/// Temporary mounts [`grow_unmounted`] left behind by processes that are gone (killed
+/// between mounting and unmounting), which keep their devices open.
+///
+/// # Errors
+/// [`Error::Io`] when mountinfo cannot be read.
+pub fn stale_grow_mounts() -> Result<Vec<std::path::PathBuf>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("read", "/proc/self/mountinfo", e))?;
+    let tmp = std::env::temp_dir();
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for mp in info.lines().filter_map(|l| l.split(' ').nth(4)) {
+        let path = std::path::PathBuf::from(unescape_mountinfo(mp));
+        if path.parent() != Some(tmp.as_path()) {
+            continue;
+        }
+        let Some(rest) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("thinsnap-grow-"))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        // Alive means kill(pid, 0) succeeds or is refused (EPERM): someone else's process.
+        let alive = pid as u32 == me
+            || !matches!(
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+                Err(Errno::ESRCH)
+            );
+        if !alive && !out.contains(&path) {
+            out.push(path);
+        }
+    }
+    Ok(out)
+}
+
+/// Unmounts a stale mount found by [`stale_grow_mounts`] and removes its directory.
+///
+/// # Errors
+/// As [`umount`].
+pub fn remove_grow_mount(dir: &Path) -> Result<()> {
+    umount(dir)?;
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
 }
 
 /// Inodes in use in the unmounted filesystem on `dev`, read from its superblock (the
