@@ -27,6 +27,8 @@ use super::{
 pub const MAX_JSON: u64 = 16 << 20;
 /// Most layers an image may have (containerd and Docker allow 127 in practice).
 pub const MAX_LAYERS: usize = 1024;
+/// Bytes read at a time when checking a blob's digest.
+const VERIFY_READ: usize = 1 << 20;
 /// Deepest nesting of image indexes followed.
 const MAX_INDEX_DEPTH: usize = 4;
 
@@ -877,7 +879,16 @@ impl Archive {
             inner: self.section(offset, size),
             f: progress,
         });
-        io::copy(&mut h, &mut io::sink()).map_err(|e| Error::io("read", &self.path, e))?;
+        // Large reads: io::copy would read 8 KiB at a time, a syscall each.
+        let mut buf = vec![0u8; VERIFY_READ];
+        loop {
+            match h.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("read", &self.path, e)),
+            }
+        }
         let (actual, _) = h.finish();
         if &actual != expected {
             return Err(self.integrity(

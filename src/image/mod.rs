@@ -18,6 +18,7 @@ mod hostile;
 pub(crate) mod mount;
 pub mod owner;
 mod readahead;
+mod verify;
 
 use std::{
     cell::{Cell, RefCell},
@@ -344,12 +345,7 @@ pub fn import(
             &format!("verifying {} layer blobs", to_verify.len()),
             to_verify.iter().map(|l| l.size).sum(),
         );
-        for l in to_verify {
-            if progress.cancelled() {
-                return Err(Error::Interrupted);
-            }
-            archive.verify(l, &mut |n| progress.advance(n))?;
-        }
+        verify::verify_blobs(&archive, &to_verify, progress)?;
         progress.done("layer blobs match their digests");
     }
     let total = image.layers.len();
