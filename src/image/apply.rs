@@ -92,8 +92,8 @@ pub fn apply_layer<R: Read>(
         egid: Gid::effective().as_raw(),
         umask: current_umask(),
     };
-    let mut tar = tar::Archive::new(stream);
-    let entries = tar.entries().map_err(|e| Error::LayerFormat {
+    let mut tar = tar::Archive::new(Forward::new(stream));
+    let entries = tar.entries_with_seek().map_err(|e| Error::LayerFormat {
         what: format!("is not a tar stream: {e}"),
     })?;
     for entry in entries {
@@ -111,6 +111,68 @@ pub fn apply_layer<R: Read>(
     }
     a.finish_dirs()?;
     Ok(a.stats)
+}
+
+/// A stream that can seek forward by reading: the tar crate then skips what is left of an
+/// entry (its padding, data nobody read) by seeking; it otherwise reads it into a 32 KiB
+/// buffer that it zeroes first, for every entry, even when there is nothing to skip.
+struct Forward<R> {
+    inner: R,
+    pos: u64,
+    skip: Vec<u8>,
+}
+
+impl<R: Read> Forward<R> {
+    fn new(inner: R) -> Forward<R> {
+        Forward {
+            inner,
+            pos: 0,
+            skip: Vec::new(),
+        }
+    }
+}
+
+impl<R: Read> Read for Forward<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: Read> io::Seek for Forward<R> {
+    fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+        let mut amt = match to {
+            io::SeekFrom::Current(d) if d >= 0 => d as u64,
+            io::SeekFrom::Start(p) if p >= self.pos => p - self.pos,
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "a layer stream only seeks forward",
+                ))
+            }
+        };
+        while amt > 0 {
+            if self.skip.is_empty() {
+                self.skip = vec![0u8; 32 << 10];
+            }
+            let want = amt.min(self.skip.len() as u64) as usize;
+            let n = match self.inner.read(&mut self.skip[..want]) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "unexpected EOF during skip",
+                    ))
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.pos += n as u64;
+            amt -= n as u64;
+        }
+        Ok(self.pos)
+    }
 }
 
 /// Normalizes a layer entry's name into components joined by `/` (empty for the root),
@@ -1154,6 +1216,24 @@ mod tests {
         assert_eq!(clean_path(b"a/..b/c..").unwrap(), b"a/..b/c..");
         assert_eq!(split_last(b"a/b/c"), (&b"a/b"[..], &b"c"[..]));
         assert_eq!(split_last(b"c"), (&b""[..], &b"c"[..]));
+    }
+
+    #[test]
+    fn streams_seek_forward_only_by_reading() {
+        use std::io::{Seek, SeekFrom};
+        let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let mut f = Forward::new(&data[..]);
+        let mut b = [0u8; 3];
+        f.read_exact(&mut b).unwrap();
+        assert_eq!(f.stream_position().unwrap(), 3);
+        assert_eq!(f.seek(SeekFrom::Current(70_000)).unwrap(), 70_003);
+        f.read_exact(&mut b).unwrap();
+        assert_eq!(b, [data[70_003], data[70_004], data[70_005]]);
+        assert_eq!(f.seek(SeekFrom::Start(70_010)).unwrap(), 70_010);
+        assert!(f.seek(SeekFrom::Current(-1)).is_err());
+        assert!(f.seek(SeekFrom::Start(0)).is_err());
+        let e = f.seek(SeekFrom::Current(50_000)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[test]
