@@ -19,6 +19,7 @@ pub(crate) mod mount;
 pub mod owner;
 mod readahead;
 mod verify;
+mod writeback;
 
 use std::{
     cell::{Cell, RefCell},
@@ -26,7 +27,7 @@ use std::{
     fmt,
     io::Write,
     path::Path,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::Instant,
 };
 
@@ -503,7 +504,7 @@ fn import_layer(
 
 /// Mounts the prepared snapshot, applies the layer, checks its diff id, unmounts. The blob
 /// is read, decompressed and hashed on a thread of its own ([`readahead`]), ahead of the
-/// applying.
+/// applying; what is applied is written back on another ([`writeback`]), meanwhile.
 fn fill(
     archive: &Archive,
     layer: &archive::Layer,
@@ -533,8 +534,11 @@ fn fill(
     };
     let stream = archive.layer(layer, &mut count)?;
     let compression = stream.compression();
+    // Uncompressed bytes handed to the applier, and whether to stop writing back.
+    let (applied, stop) = (AtomicU64::new(0), AtomicBool::new(false));
     let (stats, bytes) = std::thread::scope(|s| -> Result<_> {
-        let mut ahead = readahead::spawn(s, stream);
+        let flusher = writeback::spawn(s, mnt.path(), &applied, &stop)?;
+        let mut ahead = readahead::spawn(s, stream, &applied);
         let entries = Cell::new(0u64);
         let progress = RefCell::new(&mut *progress);
         let stats = apply::apply_layer(mnt.path(), &mut ahead, &|| {
@@ -548,7 +552,9 @@ fn fill(
         })?;
         let (stream, rest) = ahead.finish();
         rest.map_err(|e| stream.read_error(e))?;
-        Ok((stats, stream.finish()?))
+        let bytes = stream.finish()?;
+        flusher.finish()?;
+        Ok((stats, bytes))
     })?;
     report(progress);
     fp("import.after-apply");

@@ -9,7 +9,10 @@
 
 use std::{
     io::{self, Read},
-    sync::mpsc::{self, Receiver, SyncSender},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc::{self, Receiver, SyncSender},
+    },
     thread::{Scope, ScopedJoinHandle},
 };
 
@@ -32,12 +35,15 @@ pub struct ReadAhead<'scope, R> {
     len: usize,
     pos: usize,
     producer: ScopedJoinHandle<'scope, R>,
+    received: &'scope AtomicU64,
 }
 
-/// Starts reading `inner` ahead on a thread of `scope`.
+/// Starts reading `inner` ahead on a thread of `scope`; `received` counts the bytes the
+/// consumer took delivery of (a chunk at a time), for other threads to watch.
 pub fn spawn<'scope, R: Read + Send + 'scope>(
     scope: &'scope Scope<'scope, '_>,
     inner: R,
+    received: &'scope AtomicU64,
 ) -> ReadAhead<'scope, R> {
     let (tx, chunks) = mpsc::sync_channel::<Chunk>(DEPTH);
     let (spent, free) = mpsc::sync_channel::<Vec<u8>>(DEPTH + 2);
@@ -49,6 +55,7 @@ pub fn spawn<'scope, R: Read + Send + 'scope>(
         len: 0,
         pos: 0,
         producer,
+        received,
     }
 }
 
@@ -107,6 +114,7 @@ impl<R> Read for ReadAhead<'_, R> {
             }
             match self.chunks.recv() {
                 Ok(Ok((chunk, len))) => {
+                    self.received.fetch_add(len as u64, Ordering::Relaxed);
                     self.chunk = chunk;
                     self.len = len;
                     self.pos = 0;
@@ -164,8 +172,9 @@ mod tests {
     fn passes_every_byte_in_order() {
         for len in [0, 1, CHUNK - 1, CHUNK, 3 * CHUNK + 12_345] {
             let want = source(len, None).data;
+            let received = AtomicU64::new(0);
             std::thread::scope(|s| {
-                let mut r = spawn(s, source(len, None));
+                let mut r = spawn(s, source(len, None), &received);
                 let mut got = Vec::new();
                 let mut buf = vec![0u8; 1000];
                 loop {
@@ -179,6 +188,7 @@ mod tests {
                 let (inner, rest) = r.finish();
                 assert_eq!(rest.unwrap(), 0);
                 assert_eq!(inner.pos, len);
+                assert_eq!(received.load(Ordering::Relaxed), len as u64);
             });
         }
     }
@@ -186,8 +196,9 @@ mod tests {
     #[test]
     fn an_error_arrives_after_the_data_before_it() {
         let len = 2 * CHUNK + 10;
+        let received = AtomicU64::new(0);
         std::thread::scope(|s| {
-            let mut r = spawn(s, source(len, Some("corrupt deflate stream")));
+            let mut r = spawn(s, source(len, Some("corrupt deflate stream")), &received);
             let mut got = Vec::new();
             let e = r.read_to_end(&mut got).unwrap_err();
             assert_eq!(got.len(), len);
@@ -196,8 +207,9 @@ mod tests {
             let (_, rest) = r.finish();
             assert_eq!(rest.unwrap(), 0, "the error is returned once");
         });
+        let received = AtomicU64::new(0);
         std::thread::scope(|s| {
-            let mut r = spawn(s, source(len, Some("corrupt deflate stream")));
+            let mut r = spawn(s, source(len, Some("corrupt deflate stream")), &received);
             let mut head = [0u8; 10];
             r.read_exact(&mut head).unwrap();
             let (_, rest) = r.finish();
@@ -207,8 +219,9 @@ mod tests {
 
     #[test]
     fn a_consumer_that_stops_early_stops_the_producer() {
+        let received = AtomicU64::new(0);
         std::thread::scope(|s| {
-            let mut r = spawn(s, source(64 * CHUNK, None));
+            let mut r = spawn(s, source(64 * CHUNK, None), &received);
             let mut head = [0u8; 10];
             r.read_exact(&mut head).unwrap();
             drop(r);
