@@ -71,6 +71,21 @@ error_if_no_space = true
 # Zero newly provisioned blocks, so no data of a deleted snapshot can leak into a new one.
 zero_new_blocks = true
 
+[pool.autogrow]
+# Let the daemon grow the pool by itself (loopback and LVM pools): when free data or
+# metadata space drops under `threshold`, it grows that device by its step, up to its
+# maximum. It wakes on the kernel's low-water-mark event and also checks every
+# `check_interval`. Off by default: a loopback pool grows its files on the filesystem
+# under state_dir, so set the maximums to what it may take. An LVM pool that LVM
+# autoextends itself (thinsnap's own profile for pools it creates) is left to LVM.
+enabled = false
+threshold = "20%"
+data_step = "10G"
+metadata_step = "256M"
+max_data_size = "1T"
+max_metadata_size = "16G"
+check_interval = "10s"
+
 [pool.loopback]
 # Directory of the sparse "data" and "metadata" files. Empty: <state_dir>/pool.
 dir = ""
@@ -92,6 +107,28 @@ devices = []
 data_percent = 95
 # Metadata size; empty: 1% of the volume group (at least 64M, at most 16G).
 metadata_size = ""
+
+[volumes]
+# Answer Docker's volume plugin protocol on this unix socket, so `docker volume create -d
+# thinsnap` gives each volume its own thin device. Docker finds plugins by their socket in
+# /run/docker/plugins/: turn it on with socket = "/run/docker/plugins/thinsnap.sock".
+# Empty: off (volumes made while it was on are still kept, re-mounted and checked).
+socket = ""
+# Where volumes are mounted for containers: <mount_dir>/<volume name>. Empty:
+# <state_dir>/volumes.
+mount_dir = ""
+# Size of a volume's thin device unless `-o size=...` asks for another. Empty: default_size
+# (a volume is a snapshot of the base device, so it is never smaller than default_size).
+default_size = ""
+# Filesystem of a volume unless `-o fs=...` says: "ext4" or "xfs". Empty: filesystem.
+filesystem = ""
+# Extra mount options for volumes (e.g. ["noatime"]); xfs volumes get "nouuid" too.
+mount_options = []
+
+[metrics]
+# Serve Prometheus metrics over HTTP at this address, e.g. "127.0.0.1:9338" (GET /metrics).
+# Empty: off. `thinsnap status` shows the same figures without it.
+listen = ""
 "#;
 
 /// A size as written: `"10G"` or a number of bytes.
@@ -125,6 +162,36 @@ struct RawConfig {
     async_remove: Option<bool>,
     min_free_space: Option<String>,
     pool: RawPool,
+    volumes: RawVolumes,
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawVolumes {
+    socket: Option<PathBuf>,
+    mount_dir: Option<PathBuf>,
+    default_size: Option<SizeValue>,
+    filesystem: Option<String>,
+    mount_options: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawMetrics {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawAutogrow {
+    enabled: Option<bool>,
+    threshold: Option<String>,
+    data_step: Option<SizeValue>,
+    metadata_step: Option<SizeValue>,
+    max_data_size: Option<SizeValue>,
+    max_metadata_size: Option<SizeValue>,
+    check_interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -135,6 +202,7 @@ struct RawPool {
     block_size: Option<SizeValue>,
     error_if_no_space: Option<bool>,
     zero_new_blocks: Option<bool>,
+    autogrow: RawAutogrow,
     loopback: RawLoopback,
     existing: RawExisting,
     lvm: RawLvm,
@@ -191,6 +259,46 @@ pub struct Config {
     pub pool_source: Source,
     /// The pool's table settings.
     pub pool_options: PoolOptions,
+    /// Growing the pool by itself.
+    pub autogrow: Autogrow,
+    /// Address of the Prometheus endpoint, if any.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Docker volumes.
+    pub volumes: Volumes,
+}
+
+/// `[volumes]`: the Docker volume plugin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Volumes {
+    /// The plugin's unix socket; `None`: the plugin is off.
+    pub socket: Option<PathBuf>,
+    /// Volumes are mounted at `<mount_dir>/<name>`.
+    pub mount_dir: PathBuf,
+    /// Size in bytes of a new volume without `-o size=`.
+    pub default_size: u64,
+    /// Filesystem of a new volume without `-o fs=`.
+    pub filesystem: FsType,
+    /// Extra mount options of volumes.
+    pub mount_options: Vec<String>,
+}
+
+/// `[pool.autogrow]`: when and how far the daemon grows the pool by itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Autogrow {
+    /// Whether the daemon grows the pool.
+    pub enabled: bool,
+    /// Grow when the free share (0.0–1.0) of data or metadata space drops under this.
+    pub threshold: f64,
+    /// Bytes added to the data device per grow.
+    pub data_step: u64,
+    /// Bytes added to the metadata device per grow.
+    pub metadata_step: u64,
+    /// The data device is not grown beyond this many bytes.
+    pub max_data_size: u64,
+    /// The metadata device is not grown beyond this many bytes.
+    pub max_metadata_size: u64,
+    /// How often the pool is checked without a kernel event.
+    pub check_interval: std::time::Duration,
 }
 
 impl Default for Config {
@@ -212,6 +320,21 @@ fn percent(key: &str, value: Option<&str>, default: &str) -> Result<f64> {
         Ok(p) if (0.0..100.0).contains(&p) => Ok(p / 100.0),
         _ => bail!("bad value for `{key}`: {v:?} (expected a percentage such as \"10%\", 0 to 99)"),
     }
+}
+
+/// A duration as written: `"10s"`, `"500ms"`, `"2m"`.
+fn duration(key: &str, v: &str) -> Result<std::time::Duration> {
+    let v = v.trim();
+    let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
+    let n: u64 = num.parse().ok().filter(|n| *n > 0).with_context(|| {
+        format!("bad value for `{key}`: {v:?} (expected e.g. \"10s\", \"500ms\", \"2m\")")
+    })?;
+    Ok(match unit {
+        "ms" => std::time::Duration::from_millis(n),
+        "s" | "" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_secs(n * 60),
+        _ => bail!("bad value for `{key}`: {v:?} (units: ms, s, m)"),
+    })
 }
 
 impl Config {
@@ -308,6 +431,83 @@ impl Config {
             }
             other => bail!("bad value for `pool.source`: {other:?} (use \"loopback\", \"existing\" or \"lvm\")"),
         };
+        let a = p.autogrow;
+        let autogrow = Autogrow {
+            enabled: a.enabled.unwrap_or(false),
+            threshold: percent("pool.autogrow.threshold", a.threshold.as_deref(), "20%")?,
+            data_step: size("pool.autogrow.data_step", a.data_step.as_ref(), "10G")?,
+            metadata_step: size(
+                "pool.autogrow.metadata_step",
+                a.metadata_step.as_ref(),
+                "256M",
+            )?,
+            max_data_size: size(
+                "pool.autogrow.max_data_size",
+                a.max_data_size.as_ref(),
+                "1T",
+            )?,
+            max_metadata_size: size(
+                "pool.autogrow.max_metadata_size",
+                a.max_metadata_size.as_ref(),
+                "16G",
+            )?,
+            check_interval: duration(
+                "pool.autogrow.check_interval",
+                a.check_interval.as_deref().unwrap_or("10s"),
+            )?,
+        };
+        if autogrow.enabled && (autogrow.data_step == 0 || autogrow.metadata_step == 0) {
+            bail!("bad value for `pool.autogrow.data_step`/`metadata_step`: steps must be more than 0");
+        }
+        if autogrow.max_metadata_size > 16 * units::GIB {
+            bail!("bad value for `pool.autogrow.max_metadata_size`: thin-pool metadata is at most 16G");
+        }
+        let v = raw.volumes;
+        let absolute = |key: &str, p: Option<PathBuf>| -> Result<Option<PathBuf>> {
+            match p {
+                Some(p) if p.as_os_str().is_empty() => Ok(None),
+                Some(p) if !p.is_absolute() => {
+                    bail!("bad value for `{key}`: {p:?} must be an absolute path")
+                }
+                p => Ok(p),
+            }
+        };
+        let volumes = Volumes {
+            socket: absolute("volumes.socket", v.socket)?,
+            mount_dir: absolute("volumes.mount_dir", v.mount_dir)?
+                .unwrap_or_else(|| state_dir.join("volumes")),
+            default_size: match &v.default_size {
+                Some(SizeValue::Text(t)) if t.is_empty() => default_size,
+                None => default_size,
+                Some(s) => size("volumes.default_size", Some(s), "")?,
+            },
+            filesystem: match v.filesystem.as_deref() {
+                None | Some("") => filesystem,
+                Some(f) => f.parse().context("bad value for `volumes.filesystem`")?,
+            },
+            mount_options: v.mount_options,
+        };
+        if volumes.socket.as_deref() == Some(socket.as_path()) {
+            bail!(
+                "bad value for `volumes.socket`: {:?} is containerd's `socket`; the volume plugin needs a socket of its own (e.g. \"/run/docker/plugins/thinsnap.sock\")",
+                socket
+            );
+        }
+        if volumes.default_size < default_size {
+            bail!(
+                "bad value for `volumes.default_size`: {} is smaller than `default_size` ({}), the size of the base filesystem every volume starts from",
+                units::format_size(volumes.default_size),
+                units::format_size(default_size)
+            );
+        }
+        let metrics_listen = match raw.metrics.listen.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(a) => Some(a.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "bad value for `metrics.listen`: {a:?} (expected an address and port such as \"127.0.0.1:9338\")"
+                )
+            })?),
+        };
         Ok(Config {
             state_dir,
             socket,
@@ -321,6 +521,9 @@ impl Config {
             pool_name,
             pool_source,
             pool_options,
+            autogrow,
+            metrics_listen,
+            volumes,
         })
     }
 
@@ -383,7 +586,16 @@ impl fmt::Display for Config {
             f,
             "pool           {} ({:?})",
             self.pool_name, self.pool_source
-        )
+        )?;
+        match &self.volumes.socket {
+            Some(s) => writeln!(
+                f,
+                "volumes        Docker plugin on {}, mounted under {}",
+                s.display(),
+                self.volumes.mount_dir.display()
+            ),
+            None => writeln!(f, "volumes        off"),
+        }
     }
 }
 
@@ -439,10 +651,36 @@ mod tests {
             ("default_size = 10", "default_size"),
             ("default_size = true", "default_size"),
             ("async_remove = \"yes\"", "async_remove"),
+            ("[volumes]\nsocket = \"plugin.sock\"", "volumes.socket"),
+            ("[volumes]\nfilesystem = \"zfs\"", "volumes.filesystem"),
+            ("[volumes]\ndefault_size = \"1M\"", "volumes.default_size"),
+            ("[volumes]\nsize = \"1G\"", "size"),
+            (
+                "socket = \"/run/x.sock\"\n[volumes]\nsocket = \"/run/x.sock\"",
+                "volumes.socket",
+            ),
         ] {
             let e = Config::parse(text).unwrap_err();
             assert!(format!("{e:#}").contains(key), "{text}: {e:#}");
         }
+    }
+
+    #[test]
+    fn volumes_are_off_by_default_and_follow_the_snapshot_defaults() {
+        let c =
+            Config::parse("state_dir = \"/srv/ts\"\nfilesystem = \"xfs\"\ndefault_size = \"2G\"")
+                .unwrap();
+        assert_eq!(c.volumes.socket, None);
+        assert_eq!(c.volumes.mount_dir, PathBuf::from("/srv/ts/volumes"));
+        assert_eq!(c.volumes.default_size, 2 * units::GIB);
+        assert_eq!(c.volumes.filesystem, FsType::Xfs);
+        let c = Config::parse("[volumes]\nsocket = \"/run/docker/plugins/thinsnap.sock\"\ndefault_size = \"20G\"\nfilesystem = \"ext4\"\nmount_dir = \"/srv/v\"").unwrap();
+        assert_eq!(
+            c.volumes.socket.as_deref(),
+            Some(Path::new("/run/docker/plugins/thinsnap.sock"))
+        );
+        assert_eq!(c.volumes.default_size, 20 * units::GIB);
+        assert_eq!(c.volumes.mount_dir, PathBuf::from("/srv/v"));
     }
 
     #[test]

@@ -182,6 +182,16 @@ fn loop_pool_status_check_and_destroy_refusal() {
 
     let check = ok(d.cli(&["pool", "check"]));
     assert!(check.contains("metadata is consistent"), "{check}");
+    // A metadata backup of the live pool: both thin devices, the pool's transaction id.
+    let xml = d.dir.path().join("pool-metadata.xml");
+    let out = ok(d.cli(&["pool", "backup", xml.to_str().unwrap()]));
+    assert!(out.contains("metadata written to"), "{out}");
+    let dump = std::fs::read_to_string(&xml).unwrap();
+    assert_eq!(dump.matches("<device dev_id=").count(), 2, "{dump}");
+    assert!(
+        dump.contains(&format!("transaction=\"{}\"", st["transaction_id"])),
+        "{dump}"
+    );
 
     // destroy refuses while the daemon runs, and while snapshots exist.
     let err = fails(d.cli(&["pool", "destroy"]));

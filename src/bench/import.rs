@@ -132,8 +132,20 @@ fn blob<W: Write>(b: &mut tar::Builder<W>, data: &[u8]) -> Result<serde_json::Va
     Ok(json!({"digest": d.as_str(), "size": data.len()}))
 }
 
-/// Generates the image: `layers` uncompressed layer tars and an OCI archive holding them.
-fn generate(dir: &Path, opts: &ImportBench, seed: u64) -> Result<(PathBuf, Vec<PathBuf>, u64)> {
+/// Generates the benchmark image in `dir`: `opts.layers` uncompressed layer tars of
+/// `opts.files` files and `opts.size_mb` MB in all, and an OCI archive of them,
+/// `dir/image.tar`, whose manifest is named `name` (containerd's `io.containerd.image.name`
+/// annotation, which `ctr images import` needs). `seed` decides the content, so a new seed
+/// gives new chain ids. Returns the archive, the layer tars and their total size in bytes.
+///
+/// # Errors
+/// When a file in `dir` cannot be written.
+pub fn generate(
+    dir: &Path,
+    opts: &ImportBench,
+    seed: u64,
+    name: &str,
+) -> Result<(PathBuf, Vec<PathBuf>, u64)> {
     let mut rng = Rng(seed | 1);
     let layers = opts.layers.max(1);
     let per = opts.files / layers;
@@ -179,6 +191,7 @@ fn generate(dir: &Path, opts: &ImportBench, seed: u64) -> Result<(PathBuf, Vec<P
         "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": c, "layers": descs});
     let mut m = blob(&mut b, &serde_json::to_vec(&manifest)?)?;
     m["mediaType"] = "application/vnd.oci.image.manifest.v1+json".into();
+    m["annotations"] = json!({"io.containerd.image.name": name});
     let index = serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [m]}))?;
     add(&mut b, "index.json", index.len() as u64, &index[..])?;
     b.into_inner()?.flush()?;
@@ -213,7 +226,7 @@ fn bench(client: &mut Client, dir: &Path, tar: &Path, opts: &ImportBench) -> Res
         .duration_since(std::time::UNIX_EPOCH)?
         .as_nanos() as u64;
     let t = Instant::now();
-    let (archive, tars, total) = generate(dir, opts, seed)?;
+    let (archive, tars, total) = generate(dir, opts, seed, "thinsnap.bench/import:latest")?;
     let mb = total as f64 / 1e6;
     println!(
         "image: {} uncompressed layers, {} files, {mb:.1} MB (generated in {:.1} s)",

@@ -2,10 +2,13 @@
 
 mod gc;
 mod image;
+mod migrate;
 mod pool;
 mod repair;
 mod snapshot;
+mod status;
 mod table;
+mod volume;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
@@ -56,6 +59,12 @@ pub enum Command {
     /// Import and export images
     #[command(subcommand)]
     Image(image::ImageCmd),
+    /// Docker volumes, through the running daemon's volume plugin socket.
+    #[command(subcommand)]
+    Volume(volume::VolumeCmd),
+    /// Take over another storage driver's devices (Docker's devicemapper driver).
+    #[command(subcommand)]
+    Migrate(migrate::MigrateCmd),
     /// Remove what containerd no longer references: finish pending removals, delete thin
     /// devices no snapshot records, remove stale devices; prints what it freed.
     Gc {
@@ -65,6 +74,13 @@ pub enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// How the running daemon is doing: pool space and mode, snapshots, pool grows,
+    /// requests and errors (the figures its metrics endpoint serves).
+    Status {
+        /// Print the daemon's metrics in Prometheus text format instead.
+        #[arg(long)]
+        metrics: bool,
     },
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
     Completions {
@@ -92,12 +108,22 @@ pub enum ConfigCmd {
     Check,
 }
 
-/// Sets up logging to stderr with `filter`.
+/// Sets up logging to stderr with `filter`. With `THINSNAP_LOG_SPANS=1` in the environment,
+/// the end of every span the filter admits is logged too, with the time spent in it
+/// (`close time.busy=... time.idle=...`): a profile of each request, step by step down to
+/// the device-mapper ioctls.
 pub fn init_logging(filter: &str) {
+    use tracing_subscriber::fmt::format::FmtSpan;
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let spans = if std::env::var_os("THINSNAP_LOG_SPANS").is_some_and(|v| v == "1") {
+        FmtSpan::CLOSE
+    } else {
+        FmtSpan::NONE
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_span_events(spans)
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();
@@ -143,10 +169,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Check => repair::run(&cli.load_config()?, false),
         Command::Repair => repair::run(&cli.load_config()?, true),
         Command::Image(cmd) => image::run(&cli.load_config()?, cmd),
+        Command::Volume(cmd) => volume::run(&cli.load_config()?, cmd),
+        Command::Migrate(cmd) => migrate::run(&cli.config, cmd),
         Command::Bench(crate::bench::BenchCmd::Import(opts)) => {
             crate::bench::import::run(&cli.load_config()?, opts)
         }
         Command::Gc { dry_run, json } => gc::run(&cli.load_config()?, *dry_run, *json),
+        Command::Status { metrics } => status::run(&cli.load_config()?, *metrics),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(*shell, &mut cmd, "thinsnap", &mut std::io::stdout());
@@ -169,6 +198,9 @@ fn serve(config: &Config) -> Result<ExitCode> {
     let _lock = StateLock::acquire(&config.lock_path())?;
     let socket = config.socket.clone();
     let snap = Snapshotter::open(config.clone()).context("cannot open the pool")?;
+    if let Some(why) = snap.unfinished_job()? {
+        anyhow::bail!("not serving: {why}");
+    }
     let report = snap
         .recover(true)
         .context("startup reconciliation failed")?;
@@ -186,4 +218,137 @@ fn serve(config: &Config) -> Result<ExitCode> {
         .context("cannot start the async runtime")?;
     runtime.block_on(service::serve(Arc::new(snap), &socket))?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Cli;
+
+    /// Every `thinsnap ...` command in a shell block of the README and docs/ parses with
+    /// this CLI, so the docs cannot drift from its syntax (the VM demo and the tests run
+    /// them).
+    #[test]
+    fn every_documented_command_parses() {
+        let docs = [
+            ("README.md", include_str!("../../README.md")),
+            (
+                "docs/containerd.md",
+                include_str!("../../docs/containerd.md"),
+            ),
+            (
+                "docs/operations.md",
+                include_str!("../../docs/operations.md"),
+            ),
+            ("docs/images.md", include_str!("../../docs/images.md")),
+            (
+                "docs/reliability.md",
+                include_str!("../../docs/reliability.md"),
+            ),
+            (
+                "docs/architecture.md",
+                include_str!("../../docs/architecture.md"),
+            ),
+            (
+                "docs/benchmarks.md",
+                include_str!("../../docs/benchmarks.md"),
+            ),
+            ("docs/vm.md", include_str!("../../docs/vm.md")),
+            ("docs/docker.md", include_str!("../../docs/docker.md")),
+        ];
+        let mut checked = 0;
+        let mut bad = Vec::new();
+        for (file, text) in docs {
+            let mut in_shell = false;
+            for line in text.lines() {
+                let t = line.trim();
+                if t.starts_with("```") {
+                    in_shell = !in_shell && matches!(t, "```sh" | "```bash" | "```console");
+                    continue;
+                }
+                if !in_shell {
+                    // Inline code: `thinsnap ...` spans.
+                    for span in t.split('`').skip(1).step_by(2) {
+                        if let Some(rest) = span.strip_prefix("thinsnap ") {
+                            let args: Vec<String> = std::iter::once("thinsnap".to_string())
+                                .chain(placeholders(rest).split_whitespace().map(str::to_string))
+                                .collect();
+                            checked += 1;
+                            if let Err(e) = Cli::try_parse_from(&args) {
+                                if !matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | clap::error::ErrorKind::MissingRequiredArgument | clap::error::ErrorKind::MissingSubcommand) {
+                                    bad.push(format!("{file}: `{}`: {}", args.join(" "), e.kind()));
+                                }
+                            }
+                        }
+                    }
+                    continue;
+                }
+                if t.starts_with('#') {
+                    continue;
+                }
+                // Each command of the line: placeholders (`<chain id>`) become a word, then
+                // split at shell operators, drop comments.
+                let code = placeholders(t.split(" #").next().unwrap_or(""));
+                for cmd in code.split(['|', ';', '&', '>', '<', '(', ')']) {
+                    let words: Vec<&str> = cmd.split_whitespace().collect();
+                    let Some(pos) = words.iter().position(|w| {
+                        *w == "thinsnap"
+                            || *w == "$T"
+                            || (w.ends_with("/thinsnap") && !w.contains('='))
+                    }) else {
+                        continue;
+                    };
+                    if words[..pos].iter().any(|w| !matches!(*w, "sudo" | "exec")) {
+                        continue; // an argument of another command (e.g. `install ... thinsnap`)
+                    }
+                    let args: Vec<String> = std::iter::once("thinsnap".to_string())
+                        .chain(
+                            words[pos + 1..]
+                                .iter()
+                                .map(|w| w.trim_matches(['\'', '"']).to_string()),
+                        )
+                        .collect();
+                    checked += 1;
+                    if let Err(e) = Cli::try_parse_from(&args) {
+                        if !matches!(
+                            e.kind(),
+                            clap::error::ErrorKind::DisplayHelp
+                                | clap::error::ErrorKind::DisplayVersion
+                        ) {
+                            bad.push(format!("{file}: `{}`: {}", args.join(" "), e.kind()));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "documented commands that do not parse:\n{}",
+            bad.join("\n")
+        );
+        assert!(checked >= 60, "only {checked} documented commands found");
+    }
+
+    /// Replaces `<...>` placeholders (those starting with a letter) with `X`.
+    fn placeholders(s: &str) -> String {
+        let mut out = String::new();
+        let mut rest = s;
+        while let Some(i) = rest.find('<') {
+            let after = &rest[i + 1..];
+            match after.find('>') {
+                Some(j) if after.starts_with(|c: char| c.is_ascii_alphabetic()) => {
+                    out.push_str(&rest[..i]);
+                    out.push('X');
+                    rest = &after[j + 1..];
+                }
+                _ => {
+                    out.push_str(&rest[..=i]);
+                    rest = after;
+                }
+            }
+        }
+        out.push_str(rest);
+        out
+    }
 }

@@ -29,6 +29,12 @@ pub enum PoolCmd {
     },
     /// Check the pool's metadata with thin_check (on a metadata snapshot of the live pool).
     Check,
+    /// Back up the pool's metadata (thin_dump XML of a metadata snapshot; the pool stays
+    /// live). Restore with thin_restore; back up the store with it (see docs/operations.md).
+    Backup {
+        /// The XML file to write.
+        file: std::path::PathBuf,
+    },
     /// Repair a pool the kernel made read-only or flagged needs_check (after an I/O or
     /// metadata error): with thinsnap stopped and no container using the pool, check (and
     /// if needed rebuild) its metadata and activate it again.
@@ -136,6 +142,16 @@ pub fn run(config: &Config, cmd: &PoolCmd) -> Result<ExitCode> {
                 units::format_size(pool.data_bytes()?)
             );
         }
+        PoolCmd::Backup { file } => {
+            let pool = open(config)?;
+            pool.backup_metadata(file)?;
+            println!(
+                "pool {}: metadata written to {} (transaction id {})",
+                config.pool_name,
+                file.display(),
+                pool.status()?.transaction_id
+            );
+        }
         PoolCmd::Check => {
             let pool = open(config)?;
             match pool.check_metadata() {
@@ -192,9 +208,10 @@ pub fn run(config: &Config, cmd: &PoolCmd) -> Result<ExitCode> {
             if store_path.exists() {
                 let store = crate::store::Store::open(&store_path, config.pool_name.as_str())?;
                 let n = store.read()?.all()?.len();
+                let v = store.read()?.volumes()?.len();
                 drop(store);
-                if n > 0 && !force {
-                    bail!("the store records {n} snapshot(s) in pool {}: remove them first, or pass --force to destroy them all", config.pool_name);
+                if (n > 0 || v > 0) && !force {
+                    bail!("the store records {n} snapshot(s) and {v} volume(s) in pool {}: remove them first, or pass --force to destroy them all", config.pool_name);
                 }
             }
             let pool = open(config)?;

@@ -20,8 +20,9 @@ pub fn run(config: &Config, apply: bool) -> Result<ExitCode> {
     }
     if report.is_clean() {
         println!(
-            "store and pool agree: {} snapshot(s), nothing to do",
-            snap.records()?.len()
+            "store and pool agree: {} snapshot(s), {} volume(s), nothing to do",
+            snap.records()?.len(),
+            snap.volumes()?.len()
         );
         return Ok(ExitCode::SUCCESS);
     }

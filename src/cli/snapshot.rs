@@ -16,6 +16,7 @@ use super::table;
 use crate::{
     config::Config,
     service::{api::snapshots::Info, api::Mount, client::Client},
+    store::record::civil,
 };
 
 /// Label that marks a view made by `snapshot mount` to inspect a committed snapshot.
@@ -159,19 +160,6 @@ fn time(ts: &Option<prost_types::Timestamp>) -> String {
             )
         })
         .unwrap_or_default()
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant).
-fn civil(z: i64) -> (i64, i64, i64) {
-    let z = z + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z.rem_euclid(146097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 fn info_json(i: &Info) -> serde_json::Value {

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use tonic::transport::{Channel, Endpoint};
 
 use super::api::{
-    admin::{admin_client::AdminClient, GcRequest, GcResponse},
+    admin::{admin_client::AdminClient, GcRequest, GcResponse, MetricsRequest},
     snapshots::snapshots_client::SnapshotsClient,
     snapshots::*,
     Mount,
@@ -211,6 +211,14 @@ impl Client {
         self.rt
             .block_on(self.admin.gc(GcRequest { dry_run }))
             .map(|r| r.into_inner())
+            .map_err(status)
+    }
+
+    /// The daemon's metrics, in Prometheus text format.
+    pub fn metrics(&mut self) -> Result<String> {
+        self.rt
+            .block_on(self.admin.metrics(MetricsRequest {}))
+            .map(|r| r.into_inner().text)
             .map_err(status)
     }
 

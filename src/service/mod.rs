@@ -1,10 +1,13 @@
-//! `thinsnap serve`: containerd's Snapshots API on a unix socket, over the snapshotter.
+//! `thinsnap serve`: containerd's Snapshots API on a unix socket, over the snapshotter, and
+//! (with `[volumes] socket`) Docker's volume plugin protocol on another ([`volume`]).
 //! Each request runs on tokio's blocking pool inside a tracing span with its key and
 //! duration.
 
 pub mod api;
 pub mod client;
+pub mod plugin_client;
 mod status;
+pub mod volume;
 
 use std::{
     collections::BTreeMap,
@@ -26,6 +29,7 @@ use api::snapshots::{
 pub use status::to_status;
 
 use crate::{
+    metrics::Metrics,
     snapshotter::{self, Snapshotter},
     store::{Kind as StoreKind, Record},
 };
@@ -34,12 +38,13 @@ use crate::{
 #[derive(Clone)]
 pub struct Service {
     snap: Arc<Snapshotter>,
+    metrics: Arc<Metrics>,
 }
 
 impl Service {
-    /// A service for `snap`.
-    pub fn new(snap: Arc<Snapshotter>) -> Service {
-        Service { snap }
+    /// A service for `snap`, counting requests in `metrics`.
+    pub fn new(snap: Arc<Snapshotter>, metrics: Arc<Metrics>) -> Service {
+        Service { snap, metrics }
     }
 
     /// Runs `f` on the blocking pool in a span named `method` with `key`, logging its
@@ -50,28 +55,28 @@ impl Service {
         F: FnOnce(&Snapshotter) -> snapshotter::Result<T> + Send + 'static,
     {
         let snap = self.snap.clone();
+        let metrics = self.metrics.clone();
         let span = info_span!("request", method, key = %key);
         async move {
             let start = Instant::now();
             let res = tokio::task::spawn_blocking(move || f(&snap))
                 .await
-                .map_err(|e| Status::internal(format!("{method} panicked: {e}")))?;
-            let ms = start.elapsed().as_secs_f64() * 1000.0;
-            match res {
-                Ok(v) => {
-                    debug!(ms, "ok");
-                    Ok(v)
-                }
-                Err(e) => {
-                    let status = to_status(&e);
-                    if status.code() == tonic::Code::Internal {
-                        warn!(ms, code = ?status.code(), "{e}");
-                    } else {
-                        debug!(ms, code = ?status.code(), "{e}");
-                    }
-                    Err(status)
-                }
-            }
+                .map_err(|e| Status::internal(format!("{method} panicked: {e}")))
+                .and_then(|r| {
+                    r.map_err(|e| (to_status(&e), e)).map_err(|(status, e)| {
+                        if status.code() == tonic::Code::Internal {
+                            warn!(code = ?status.code(), "{e}");
+                        } else {
+                            debug!(code = ?status.code(), "{e}");
+                        }
+                        status
+                    })
+                });
+            let secs = start.elapsed().as_secs_f64();
+            let code = res.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+            metrics.observe(method, code, secs);
+            debug!(ms = secs * 1000.0, ?code, "done");
+            res
         }
         .instrument(span)
         .await
@@ -291,16 +296,8 @@ async fn shutdown_signal(
     }
 }
 
-/// Serves `snap` on the unix socket `socket` until SIGTERM or SIGINT; in-flight requests
-/// finish first. Active snapshots stay active for running containers.
-///
-/// # Errors
-/// When the socket cannot be created.
-pub async fn serve(snap: Arc<Snapshotter>, socket: &Path) -> Result<()> {
-    // Handlers first: once the socket exists, a SIGTERM must mean a graceful stop.
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+/// Listens on the unix socket `socket` (mode 0660), replacing a stale one.
+fn bind_unix(socket: &Path) -> Result<tokio::net::UnixListener> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -319,6 +316,41 @@ pub async fn serve(snap: Arc<Snapshotter>, socket: &Path) -> Result<()> {
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
             .with_context(|| format!("cannot set the mode of {}", socket.display()))?;
     }
+    Ok(listener)
+}
+
+/// Serves `snap` on the unix socket `socket` (and the volume plugin on its own socket,
+/// when configured) until SIGTERM or SIGINT; in-flight requests finish first. Active
+/// snapshots stay active, and volumes mounted, for running containers.
+///
+/// # Errors
+/// When a socket cannot be created.
+pub async fn serve(snap: Arc<Snapshotter>, socket: &Path) -> Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    // Handlers first: once the socket exists, a SIGTERM must mean a graceful stop.
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The plugin socket before containerd's: once that answers, both do.
+    let volumes = match snap.config().volumes.socket.clone() {
+        Some(path) => {
+            let listener = bind_unix(&path).context("volume plugin (`volumes.socket`)")?;
+            if !volume::docker_discoverable(&path) {
+                warn!(socket = %path.display(), "Docker finds plugins by their socket in /run/docker/plugins; for this path write /etc/docker/plugins/thinsnap.spec containing unix://{}", path.display());
+            }
+            info!(socket = %path.display(), mount_dir = %snap.config().volumes.mount_dir.display(), "serving Docker's volume plugin protocol");
+            let task = tokio::spawn(volume::serve(
+                listener,
+                snap.clone(),
+                metrics.clone(),
+                stop_rx,
+            ));
+            Some((path, task))
+        }
+        None => None,
+    };
+    let listener = bind_unix(socket)?;
     if snap.config().async_remove {
         let s = snap.clone();
         tokio::spawn(async move {
@@ -335,17 +367,38 @@ pub async fn serve(snap: Arc<Snapshotter>, socket: &Path) -> Result<()> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    if let Some(addr) = snap.config().metrics_listen {
+        let http = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for metrics (`metrics.listen`)"))?;
+        info!(%addr, "serving Prometheus metrics at /metrics");
+        tokio::spawn(http_metrics(http, snap.clone(), metrics.clone()));
+    }
+    crate::autogrow::spawn(snap.clone(), metrics.clone());
     info!(socket = %socket.display(), started, "serving containerd's Snapshots API");
     tonic::transport::Server::builder()
-        .add_service(SnapshotsServer::new(Service::new(snap.clone())))
-        .add_service(api::admin::admin_server::AdminServer::new(Admin { snap }))
+        .add_service(SnapshotsServer::new(Service::new(
+            snap.clone(),
+            metrics.clone(),
+        )))
+        .add_service(api::admin::admin_server::AdminServer::new(Admin {
+            snap,
+            metrics,
+        }))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
-            shutdown_signal(term, int),
+            async move {
+                shutdown_signal(term, int).await;
+                let _ = stop_tx.send(true);
+            },
         )
         .await
         .context("gRPC server failed")?;
     let _ = std::fs::remove_file(socket);
+    if let Some((path, task)) = volumes {
+        let _ = task.await;
+        let _ = std::fs::remove_file(path);
+    }
     info!("stopped");
     Ok(())
 }
@@ -354,6 +407,7 @@ pub async fn serve(snap: Arc<Snapshotter>, socket: &Path) -> Result<()> {
 #[derive(Clone)]
 pub struct Admin {
     snap: Arc<Snapshotter>,
+    metrics: Arc<Metrics>,
 }
 
 #[tonic::async_trait]
@@ -374,5 +428,67 @@ impl api::admin::admin_server::Admin for Admin {
             problems: report.problems,
             freed_bytes: freed,
         }))
+    }
+
+    async fn metrics(
+        &self,
+        _req: Request<api::admin::MetricsRequest>,
+    ) -> Result<Response<api::admin::MetricsResponse>, Status> {
+        let (snap, metrics) = (self.snap.clone(), self.metrics.clone());
+        let text = tokio::task::spawn_blocking(move || metrics.render(&snap))
+            .await
+            .map_err(|e| Status::internal(format!("metrics panicked: {e}")))?;
+        Ok(Response::new(api::admin::MetricsResponse { text }))
+    }
+}
+
+/// Answers HTTP requests on `listener`: `GET /metrics` with the Prometheus text, anything
+/// else 404. One request per connection.
+async fn http_metrics(
+    listener: tokio::net::TcpListener,
+    snap: Arc<Snapshotter>,
+    metrics: Arc<Metrics>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let (snap, metrics) = (snap.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            // Read the request head (the request line is all that matters).
+            while n < buf.len() {
+                match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf[n..])).await {
+                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                    Ok(Ok(k)) => n += k,
+                }
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let mut parts = head.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, body) =
+                if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
+                    let text = tokio::task::spawn_blocking(move || metrics.render(&snap))
+                        .await
+                        .unwrap_or_default();
+                    ("200 OK", text)
+                } else {
+                    (
+                        "404 Not Found",
+                        "thinsnap serves only GET /metrics here\n".to_string(),
+                    )
+                };
+            let reply = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(reply.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use thinpool::{failpoint::hit as fp, units, RemoveMode};
+use thinpool::{failpoint::hit as fp, units, FsType, RemoveMode};
 use tracing::{info, instrument, warn};
 
 use super::{pool_error, validate_key, validate_labels, Error, Mount, Result, Snapshotter};
@@ -76,7 +76,7 @@ impl Snapshotter {
             }
         }
         let origin = if parent.is_empty() {
-            self.ensure_base()?
+            self.ensure_base(self.fs())?
         } else {
             match self.store.read()?.get(parent)? {
                 Some(p) if p.state == State::Ready && p.kind == Kind::Committed => p,
@@ -193,8 +193,22 @@ impl Snapshotter {
             } else {
                 ("metadata", st.meta_used_bytes(), st.meta_total_bytes())
             };
+            let a = &self.config.autogrow;
+            let max = if what == "data" {
+                a.max_data_size
+            } else {
+                a.max_metadata_size
+            };
+            let fix = if a.enabled && total >= max {
+                format!("the pool reached its autogrow maximum (pool.autogrow.max_{what}_size = {}): raise it, grow the pool with `thinsnap pool grow`, or remove unused snapshots", units::format_size(max))
+            } else if a.enabled {
+                "autogrow is growing the pool: retry shortly, or grow it with `thinsnap pool grow`"
+                    .to_string()
+            } else {
+                "grow it with `thinsnap pool grow`, or remove unused snapshots".to_string()
+            };
             return Err(Error::ResourceExhausted(format!(
-                "pool {} has too little free {what} space for a new snapshot ({} of {} used; at least {:.0}% must stay free): grow it with `thinsnap pool grow`, or remove unused snapshots",
+                "pool {} has too little free {what} space for a new snapshot ({} of {} used; at least {:.0}% must stay free): {fix}",
                 self.config.pool_name,
                 units::format_size(used),
                 units::format_size(total),
@@ -204,9 +218,11 @@ impl Snapshotter {
         Ok(())
     }
 
-    /// The base device of the configured filesystem, created and formatted on first use.
-    fn ensure_base(&self) -> Result<Record> {
-        let fs = self.fs().as_str();
+    /// The base device of filesystem `fs` (snapshots use the configured one, volumes may
+    /// ask for another), created and formatted on first use. `mkfs_options` apply to the
+    /// configured filesystem only: they are options of its mkfs.
+    pub(super) fn ensure_base(&self, fstype: FsType) -> Result<Record> {
+        let fs = fstype.as_str();
         if let Some(b) = self.store.read()?.base(fs)? {
             if b.state == State::Ready {
                 return Ok(b);
@@ -243,7 +259,12 @@ impl Snapshotter {
             let txn = self.pool_change("base.after-message", |p| p.create_thin(id))?;
             fp("base.after-txn");
             let dev = self.activate(&record)?;
-            self.fs().mkfs(&dev.devnode, &self.config.mkfs_options)?;
+            let extra: &[String] = if fstype == self.fs() {
+                &self.config.mkfs_options
+            } else {
+                &[]
+            };
+            fstype.mkfs(&dev.devnode, extra)?;
             fp("base.after-mkfs");
             self.deactivate(id, RemoveMode::Now)?;
             let mut done = record.clone();

@@ -13,6 +13,7 @@ pub mod filter;
 mod query;
 mod recover;
 mod remove;
+pub mod volume;
 
 use std::{
     collections::BTreeMap,
@@ -96,6 +97,8 @@ pub struct Snapshotter {
     base_lock: Mutex<()>,
     /// Striped locks serializing device changes per thin id.
     id_locks: Vec<Mutex<()>>,
+    /// Striped locks serializing the operations of one Docker volume (by name).
+    volume_locks: Vec<Mutex<()>>,
 }
 
 impl Snapshotter {
@@ -106,6 +109,7 @@ impl Snapshotter {
     /// When the pool or store cannot be opened, or a required program is missing.
     pub fn open(config: Config) -> Result<Snapshotter> {
         thinpool::cmd::verify_executables(config.filesystem.programs())?;
+        thinpool::cmd::verify_executables(config.volumes.filesystem.programs())?;
         std::fs::create_dir_all(&config.state_dir)
             .map_err(|e| thinpool::Error::io("create state directory", &config.state_dir, e))?;
         let pool = ThinPool::open(&config.pool_name, &config.pool_source, &config.pool_options)?;
@@ -119,6 +123,7 @@ impl Snapshotter {
             txn: Mutex::new(txn),
             base_lock: Mutex::new(()),
             id_locks: (0..64).map(|_| Mutex::new(())).collect(),
+            volume_locks: (0..16).map(|_| Mutex::new(())).collect(),
         })
     }
 

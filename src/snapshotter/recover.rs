@@ -1,7 +1,8 @@
 //! Startup reconciliation: compares the store with the pool's thin ids and active devices,
 //! finishes or rolls back half-done operations, deletes thin devices nobody records,
 //! re-activates what active snapshots need, removes what killed imports and exports left
-//! ([`abandoned`]), and reports one line per action.
+//! ([`abandoned`]), brings Docker volumes' mounts in line with their records
+//! ([`super::volume`]), and reports one line per action.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -24,6 +25,30 @@ impl Report {
     /// Whether the store and the pool agree.
     pub fn is_clean(&self) -> bool {
         self.actions.is_empty() && self.problems.is_empty()
+    }
+}
+
+/// Performs (with `apply`) or only lists one reconciliation action, reporting it as done
+/// or, when it fails, as a problem.
+pub(super) fn run_action(
+    apply: bool,
+    report: &mut Report,
+    line: String,
+    f: &dyn Fn() -> Result<()>,
+) {
+    if apply {
+        match f() {
+            Ok(()) => {
+                info!("recovery: {line}");
+                report.actions.push(line);
+            }
+            Err(e) => {
+                warn!("recovery: {line} failed: {e}");
+                report.problems.push(format!("{line} failed: {e}"));
+            }
+        }
+    } else {
+        report.actions.push(line);
     }
 }
 
@@ -66,24 +91,14 @@ impl Snapshotter {
 
     fn reconcile(&self, apply: bool, startup: bool) -> Result<Report> {
         let mut report = Report::default();
+        if let Some(why) = self.unfinished_job()? {
+            report.problems.push(why);
+        }
         let records = self.store.read()?.all()?;
         let bases = self.store.read()?.bases()?;
         let (in_pool, active) = self.kernel_view()?;
         let act = |report: &mut Report, line: String, f: &dyn Fn() -> Result<()>| {
-            if apply {
-                match f() {
-                    Ok(()) => {
-                        info!("recovery: {line}");
-                        report.actions.push(line);
-                    }
-                    Err(e) => {
-                        warn!("recovery: {line} failed: {e}");
-                        report.problems.push(format!("{line} failed: {e}"));
-                    }
-                }
-            } else {
-                report.actions.push(line);
-            }
+            run_action(apply, report, line, f)
         };
 
         for b in &bases {
@@ -143,6 +158,8 @@ impl Snapshotter {
             }
         }
 
+        self.reconcile_volumes(apply, startup, &mut report, &in_pool, &active)?;
+
         // Thin ids in the pool that no record owns: leaks of operations that crashed before
         // their record was written. Only ids thinsnap allocated (below its next id) are ours.
         let known: BTreeSet<u32> = self
@@ -194,6 +211,17 @@ impl Snapshotter {
             tx.commit()?;
         }
         Ok(report)
+    }
+
+    /// Why the store is not ready to serve, if a job that must finish first (a migration)
+    /// is unfinished.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub fn unfinished_job(&self) -> Result<Option<String>> {
+        Ok((self.store.read()?.meta(crate::store::META_JOB_PENDING)? != 0).then(|| {
+            "a migration from Docker's devicemapper driver is unfinished: run `thinsnap migrate docker-devicemapper` again to finish it".to_string()
+        }))
     }
 
     /// Snapshots in the store, for diagnostics.

@@ -1,6 +1,6 @@
 //! The crash-safe metadata store: one redb database holding every snapshot's record, the
-//! parent→children index, the thin-id allocation table, the base devices and the pool's
-//! last recorded transaction id.
+//! parent→children index, the thin-id allocation table, the base devices, Docker volumes,
+//! the pool's last recorded transaction id, and the progress of resumable jobs (migrations).
 //!
 //! Writes follow containerd's devmapper `transition` pattern: a record is committed in a
 //! "trying" state (`Creating`, `Removing`) before the kernel is touched, and in its final
@@ -9,6 +9,7 @@
 //! (`snapshotter::recover`).
 
 pub mod record;
+pub mod volume;
 
 use std::path::Path;
 
@@ -18,18 +19,27 @@ use redb::{
 };
 
 pub use record::{Kind, Record, State, Usage};
+pub use volume::Volume;
 
 /// Snapshot key → JSON [`Record`].
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 /// Parent key → child keys (every child, whatever its state).
 const CHILDREN: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("children");
-/// Thin id → owner (snapshot key, or `base:<fs>`).
+/// Thin id → owner (snapshot key, `base:<fs>` or `volume:<name>`).
 const THIN_IDS: TableDefinition<u32, &str> = TableDefinition::new("thin_ids");
 /// Base devices: filesystem name → JSON [`Record`].
 const BASES: TableDefinition<&str, &[u8]> = TableDefinition::new("bases");
+/// Docker volumes: volume name → JSON [`Volume`]. A table of their own, so volume names
+/// never meet containerd's snapshot keys (and Walk never lists them).
+const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 /// Scalars: `next_thin_id`, `pool_txn`, `schema`, `pool`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const POOL_NAME: TableDefinition<&str, &str> = TableDefinition::new("pool");
+/// Resumable jobs (e.g. `docker-devicemapper`, a migration) → their JSON progress.
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+
+/// Meta key: non-zero while a job that must finish before serving is unfinished.
+pub const META_JOB_PENDING: &str = "job_pending";
 
 /// Page cache of the database, in bytes.
 const CACHE_BYTES: usize = 32 << 20;
@@ -126,6 +136,8 @@ impl Store {
             tx.open_multimap_table(CHILDREN).map_err(|e| store.err(e))?;
             tx.open_table(THIN_IDS).map_err(|e| store.err(e))?;
             tx.open_table(BASES).map_err(|e| store.err(e))?;
+            tx.open_table(VOLUMES).map_err(|e| store.err(e))?;
+            tx.open_table(JOBS).map_err(|e| store.err(e))?;
             let schema = meta
                 .get("schema")
                 .map_err(|e| store.err(e))?
@@ -283,6 +295,41 @@ macro_rules! reads {
                 Ok(out)
             }
 
+            /// The record of volume `name`, in any state.
+            ///
+            /// # Errors
+            /// [`StoreError`] on database or decoding failure.
+            pub fn volume(&self, name: &str) -> StoreResult<Option<Volume>> {
+                let t = self.tx.open_table(VOLUMES).map_err(|e| self.store.err(e))?;
+                let v = t.get(name).map_err(|e| self.store.err(e))?;
+                v.map(|v| {
+                    serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode {
+                        key: format!("{}{name}", volume::OWNER_PREFIX),
+                        source,
+                    })
+                })
+                .transpose()
+            }
+
+            /// Every volume record, in name order.
+            ///
+            /// # Errors
+            /// [`StoreError`] on database or decoding failure.
+            pub fn volumes(&self) -> StoreResult<Vec<Volume>> {
+                let t = self.tx.open_table(VOLUMES).map_err(|e| self.store.err(e))?;
+                let mut out = Vec::new();
+                for entry in t.iter().map_err(|e| self.store.err(e))? {
+                    let (k, v) = entry.map_err(|e| self.store.err(e))?;
+                    out.push(serde_json::from_slice(v.value()).map_err(|source| {
+                        StoreError::Decode {
+                            key: format!("{}{}", volume::OWNER_PREFIX, k.value()),
+                            source,
+                        }
+                    })?);
+                }
+                Ok(out)
+            }
+
             /// Every allocated thin id with its owner.
             ///
             /// # Errors
@@ -298,6 +345,16 @@ macro_rules! reads {
                     out.push((k.value(), v.value().to_string()));
                 }
                 Ok(out)
+            }
+
+            /// The recorded progress of job `name`, if any.
+            ///
+            /// # Errors
+            /// [`StoreError::Db`].
+            pub fn job(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {
+                let t = self.tx.open_table(JOBS).map_err(|e| self.store.err(e))?;
+                let v = t.get(name).map_err(|e| self.store.err(e))?;
+                Ok(v.map(|v| v.value().to_vec()))
             }
 
             /// A scalar from the meta table (`next_thin_id`, `pool_txn`).
@@ -433,6 +490,56 @@ impl WriteTx<'_> {
         Ok(())
     }
 
+    /// Inserts or replaces the record of a volume, keeping the thin-id table in step.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn put_volume(&mut self, volume: &Volume) -> StoreResult<()> {
+        let s = self.store;
+        let old = self.volume(&volume.name)?;
+        let mut ids = self.tx.open_table(THIN_IDS).map_err(|e| s.err(e))?;
+        if let Some(o) = &old {
+            if o.thin_id != volume.thin_id {
+                ids.remove(o.thin_id).map_err(|e| s.err(e))?;
+            }
+        }
+        ids.insert(volume.thin_id, volume.owner().as_str())
+            .map_err(|e| s.err(e))?;
+        let bytes = serde_json::to_vec(volume).expect("volumes always serialize");
+        self.tx
+            .open_table(VOLUMES)
+            .map_err(|e| s.err(e))?
+            .insert(volume.name.as_str(), bytes.as_slice())
+            .map_err(|e| s.err(e))?;
+        Ok(())
+    }
+
+    /// Deletes the record of volume `name` and frees its thin id.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn delete_volume(&mut self, name: &str) -> StoreResult<Option<Volume>> {
+        let s = self.store;
+        let Some(old) = self.volume(name)? else {
+            return Ok(None);
+        };
+        let mut ids = self.tx.open_table(THIN_IDS).map_err(|e| s.err(e))?;
+        let owner = ids
+            .get(old.thin_id)
+            .map_err(|e| s.err(e))?
+            .map(|v| v.value().to_string());
+        if owner == Some(old.owner()) {
+            ids.remove(old.thin_id).map_err(|e| s.err(e))?;
+        }
+        drop(ids);
+        self.tx
+            .open_table(VOLUMES)
+            .map_err(|e| s.err(e))?
+            .remove(name)
+            .map_err(|e| s.err(e))?;
+        Ok(Some(old))
+    }
+
     /// Allocates a thin id: the next one after the last allocated, skipping ids still
     /// recorded, wrapping at 2^24. Ids are not reused while any record holds them.
     ///
@@ -473,6 +580,20 @@ impl WriteTx<'_> {
             .open_table(META)
             .map_err(|e| s.err(e))?
             .insert(name, value)
+            .map_err(|e| s.err(e))?;
+        Ok(())
+    }
+
+    /// Records the progress of job `name` (replacing what was recorded).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn put_job(&mut self, name: &str, progress: &[u8]) -> StoreResult<()> {
+        let s = self.store;
+        self.tx
+            .open_table(JOBS)
+            .map_err(|e| s.err(e))?
+            .insert(name, progress)
             .map_err(|e| s.err(e))?;
         Ok(())
     }
@@ -566,6 +687,54 @@ mod tests {
             "wraps, skipping 1 which is in use"
         );
         tx.commit().unwrap();
+    }
+
+    #[test]
+    fn volumes_own_their_thin_ids_apart_from_snapshots() {
+        let (_d, s) = store();
+        let mut tx = s.write().unwrap();
+        tx.put(&rec("data", None, 1)).unwrap();
+        let id = tx.allocate_id().unwrap();
+        assert_eq!(id, 2, "volumes and snapshots share one id space");
+        tx.put_volume(&Volume::new(
+            "data",
+            id,
+            1 << 30,
+            "ext4",
+            None,
+            Default::default(),
+        ))
+        .unwrap();
+        tx.commit().unwrap();
+        let r = s.read().unwrap();
+        assert_eq!(r.get("data").unwrap().unwrap().thin_id, 1);
+        assert_eq!(r.volume("data").unwrap().unwrap().thin_id, 2);
+        assert_eq!(r.all().unwrap().len(), 1, "Walk does not see volumes");
+        assert_eq!(
+            r.thin_ids().unwrap(),
+            vec![(1, "data".into()), (2, "volume:data".into())]
+        );
+        drop(r);
+        let mut tx = s.write().unwrap();
+        assert!(tx.delete_volume("data").unwrap().is_some());
+        assert!(tx.delete_volume("data").unwrap().is_none());
+        tx.commit().unwrap();
+        let r = s.read().unwrap();
+        assert!(r.volumes().unwrap().is_empty());
+        assert_eq!(r.thin_ids().unwrap(), vec![(1, "data".into())]);
+    }
+
+    #[test]
+    fn jobs_round_trip() {
+        let (_d, s) = store();
+        assert_eq!(s.read().unwrap().job("j").unwrap(), None);
+        let mut tx = s.write().unwrap();
+        tx.put_job("j", b"{\"step\":1}").unwrap();
+        tx.set_meta(META_JOB_PENDING, 1).unwrap();
+        tx.commit().unwrap();
+        let r = s.read().unwrap();
+        assert_eq!(r.job("j").unwrap().as_deref(), Some(&b"{\"step\":1}"[..]));
+        assert_eq!(r.meta(META_JOB_PENDING).unwrap(), 1);
     }
 
     #[test]

@@ -30,9 +30,11 @@ pub struct Daemon {
     pub pool: PoolName,
 }
 
-/// Configuration of a test daemon: 1 GiB snapshots, plus top-level lines `extra`, and a
-/// pool section: `pool` lines (default: a loopback pool of 4 GiB data, 64 MiB metadata).
+/// Configuration of a test daemon: 1 GiB snapshots, plus top-level lines `extra` (where
+/// `{dir}` stands for the test's directory), and a pool section: `pool` lines (default: a
+/// loopback pool of 4 GiB data, 64 MiB metadata).
 pub fn test_config(dir: &Path, name: &PoolName, extra: &str, pool: Option<&str>) -> String {
+    let extra = extra.replace("{dir}", &dir.display().to_string());
     let pool = pool.unwrap_or("[pool.loopback]\ndata_size = \"4G\"\nmetadata_size = \"64M\"");
     let size = if extra.contains("default_size") {
         ""
@@ -70,6 +72,24 @@ impl Daemon {
             owns_pool: pool_lines.is_none_or(|p| !p.contains("source")),
             socket: dir.path().join("thinsnap.sock"),
             config,
+            pool,
+            dir,
+        };
+        d.spawn();
+        d
+    }
+
+    /// Starts a daemon on the configuration `dir/config.toml` someone else wrote (socket
+    /// `dir/thinsnap.sock`, pool `pool`, e.g. a migrated loopback pool); like the daemon's
+    /// own pool, it is destroyed and checked for leftovers on drop.
+    pub fn start_in(dir: tempfile::TempDir, pool: PoolName) -> Daemon {
+        require_dm();
+        let mut d = Daemon {
+            child: None,
+            env: Vec::new(),
+            owns_pool: true,
+            socket: dir.path().join("thinsnap.sock"),
+            config: dir.path().join("config.toml"),
             pool,
             dir,
         };
@@ -169,6 +189,14 @@ impl Daemon {
         if let Some(mut child) = self.child.take() {
             child.kill().unwrap();
             child.wait().unwrap();
+        }
+    }
+
+    /// A client of the daemon's Docker volume plugin socket, `{dir}/volume.sock` (start the
+    /// daemon with [`super::volume::CONFIG`]).
+    pub fn plugin(&self) -> super::volume::Plugin {
+        super::volume::Plugin {
+            socket: self.dir.path().join("volume.sock"),
         }
     }
 

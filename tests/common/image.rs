@@ -156,9 +156,18 @@ impl Archive {
 }
 
 pub fn config_json(diff_ids: &[String]) -> Vec<u8> {
-    serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": diff_ids}}))
-    .unwrap()
+    runtime_config_json(diff_ids, None)
+}
+
+/// An image config of `diff_ids`, with `runtime` (Cmd, Env, ...) as its `config` when given:
+/// what a runtime needs to start a container from the image.
+pub fn runtime_config_json(diff_ids: &[String], runtime: Option<&serde_json::Value>) -> Vec<u8> {
+    let mut c = json!({"architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": diff_ids}});
+    if let Some(r) = runtime {
+        c["config"] = r.clone();
+    }
+    serde_json::to_vec(&c).unwrap()
 }
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -170,6 +179,17 @@ pub fn oci_archive(
     layers: &[(&[u8], Z)],
     name: &str,
     docker_manifest: bool,
+) -> (Archive, Vec<String>) {
+    oci_archive_with(layers, name, docker_manifest, None)
+}
+
+/// [`oci_archive`] whose image config has `runtime` as its `config` (Cmd, Env, ...), so
+/// that containerd can run it.
+pub fn oci_archive_with(
+    layers: &[(&[u8], Z)],
+    name: &str,
+    docker_manifest: bool,
+    runtime: Option<&serde_json::Value>,
 ) -> (Archive, Vec<String>) {
     let mut a = Archive(vec![]);
     a.add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec());
@@ -186,7 +206,7 @@ pub fn oci_archive(
     }
     let config = a.blob(
         "application/vnd.oci.image.config.v1+json",
-        config_json(&diff_ids),
+        runtime_config_json(&diff_ids, runtime),
     );
     let manifest = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
         "config": config, "layers": descs}))

@@ -3,8 +3,11 @@
 //! and leak checks for dm devices, loop devices and mounts.
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod daemon;
+pub mod docker;
 pub mod image;
+pub mod volume;
 
 use std::{
     fs,

@@ -24,6 +24,8 @@ pub const XFS_GROWFS: &str = "xfs_growfs";
 pub const THIN_CHECK: &str = "thin_check";
 /// Thin-pool metadata repairer.
 pub const THIN_REPAIR: &str = "thin_repair";
+/// Thin-pool metadata dumper (XML).
+pub const THIN_DUMP: &str = "thin_dump";
 /// LVM's multi-call binary.
 pub const LVM: &str = "lvm";
 
@@ -43,7 +45,7 @@ pub fn find(program: &str) -> Result<PathBuf> {
             hint: Hint(Some(match program {
                 MKFS_EXT4 | RESIZE2FS => "install e2fsprogs",
                 MKFS_XFS | XFS_GROWFS => "install xfsprogs",
-                THIN_CHECK | THIN_REPAIR => "install thin-provisioning-tools",
+                THIN_CHECK | THIN_REPAIR | THIN_DUMP => "install thin-provisioning-tools",
                 LVM => "install lvm2",
                 _ => "install it",
             })),
@@ -196,6 +198,24 @@ pub fn thin_repair(from: &Path, to: &Path) -> Result<()> {
             from.as_os_str(),
             OsStr::new("-o"),
             to.as_os_str(),
+        ],
+    )
+    .map(|_| ())
+}
+
+/// Dumps the metadata snapshot of a live pool on `meta` as XML into `out` (thin_restore
+/// reads it back).
+///
+/// # Errors
+/// [`Error::Command`] when thin_dump fails.
+pub fn thin_dump_snapshot(meta: &Path, out: &Path) -> Result<()> {
+    run(
+        THIN_DUMP,
+        [
+            OsStr::new("--metadata-snap"),
+            OsStr::new("-o"),
+            out.as_os_str(),
+            meta.as_os_str(),
         ],
     )
     .map(|_| ())

@@ -332,3 +332,49 @@ pub fn block_size_bytes(path: &Path) -> Result<u64> {
     f.seek(SeekFrom::End(0))
         .map_err(|e| Error::io("seek", path, e))
 }
+
+/// Waits for device-mapper events (a pool crossing its low-water mark, running out of
+/// space, changing mode), through a dm context of its own whose file becomes readable
+/// after any dm event once armed (`DM_DEV_ARM_POLL`). Events are not per device: a wake-up
+/// says "look again", not which device changed.
+pub struct EventWaiter {
+    dm: DM,
+}
+
+impl EventWaiter {
+    /// A waiter, armed: events from now on wake [`EventWaiter::wait`].
+    ///
+    /// # Errors
+    /// [`Error::Dm`] when `/dev/mapper/control` cannot be opened or armed.
+    pub fn new() -> Result<EventWaiter> {
+        let dm = DM::new().map_err(|e| Error::from_dm("/dev/mapper/control", "open", e))?;
+        dm.arm_poll()
+            .map_err(|e| Error::from_dm("/dev/mapper/control", "arm poll", e))?;
+        Ok(EventWaiter { dm })
+    }
+
+    /// Waits up to `timeout` for an event since the last wake-up; returns whether one came,
+    /// and re-arms.
+    ///
+    /// # Errors
+    /// [`Error::Dm`] when polling or re-arming fails.
+    pub fn wait(&self, timeout: std::time::Duration) -> Result<bool> {
+        use std::os::fd::AsFd;
+        let mut fds = [nix::poll::PollFd::new(
+            self.dm.file().as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let n = match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => 0,
+            Err(e) => return Err(Error::io("poll", "/dev/mapper/control", e.into())),
+        };
+        if n > 0 {
+            self.dm
+                .arm_poll()
+                .map_err(|e| Error::from_dm("/dev/mapper/control", "arm poll", e))?;
+        }
+        Ok(n > 0)
+    }
+}

@@ -20,6 +20,7 @@ pub mod pool;
 pub mod thin;
 pub mod units;
 
+pub use devicemapper::{DataBlocks, Device, DmName, DmNameBuf, Sectors};
 pub use dm::RemoveMode;
 pub use error::{Error, Hint, Result};
 pub use fs::FsType;

@@ -67,6 +67,23 @@ impl LvmPool {
         }
     }
 
+    /// The LVM metadata profile attached to the pool's LV, if any (LVM autoextends a pool
+    /// whose profile sets `thin_pool_autoextend_threshold` under 100, as [`PROFILE`] does).
+    ///
+    /// # Errors
+    /// [`Error::Command`] when `lvs` fails.
+    pub fn metadata_profile(&self) -> Result<Option<String>> {
+        let out = cmd::lvm(&[
+            "lvs",
+            "--noheadings",
+            "-o",
+            "lv_metadata_profile",
+            &self.path(),
+        ])?;
+        let p = out.trim();
+        Ok((!p.is_empty()).then(|| p.to_string()))
+    }
+
     fn vg_exists(&self) -> Result<bool> {
         match cmd::lvm(&["vgs", "--noheadings", "-o", "vg_name", &self.vg]) {
             Ok(_) => Ok(true),

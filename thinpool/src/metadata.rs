@@ -23,7 +23,9 @@ use crate::{
 /// Magic number of a thin-pool metadata superblock.
 pub const SUPERBLOCK_MAGIC: u64 = 27022010;
 const SB_MAGIC: usize = 32;
+const SB_TRANSACTION_ID: usize = 48;
 const SB_DEVICE_DETAILS_ROOT: usize = 328;
+const SB_DATA_BLOCK_SIZE: usize = 336;
 const NODE_FLAGS: usize = 4;
 const NODE_NR_ENTRIES: usize = 16;
 const NODE_MAX_ENTRIES: usize = 20;
@@ -105,19 +107,38 @@ impl Reader<'_> {
     }
 }
 
-/// The thin ids recorded in the superblock copy at block `superblock` of metadata device
-/// `meta` (the `held_metadata_root` of a pool with a reserved metadata snapshot, or 0 for
-/// the primary superblock of an inactive pool).
+/// What a thin-pool metadata superblock records, for tools that look at a pool's metadata
+/// without activating it (e.g. a migration's dry run).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    /// The pool's transaction id.
+    pub transaction_id: u64,
+    /// The data block size in 512-byte sectors.
+    pub data_block_size: u32,
+    /// Every thin id in the device-details btree.
+    pub thin_ids: BTreeSet<u32>,
+}
+
+/// Reads the superblock copy at block `superblock` of metadata device (or file) `meta`: the
+/// `held_metadata_root` of a pool with a reserved metadata snapshot, or 0 for the primary
+/// superblock of a pool that is not active (reading the primary superblock of an active
+/// pool races with the kernel's commits).
 ///
 /// # Errors
-/// [`Error::Io`] when the device cannot be read; [`Error::Invalid`] when the metadata is
-/// not thin-pool metadata or is damaged.
-pub fn thin_ids(meta: &Path, superblock: u64) -> Result<BTreeSet<u32>> {
-    let file = OpenOptions::new()
+/// [`Error::Io`] when `meta` cannot be read; [`Error::Invalid`] when it holds no thin-pool
+/// metadata or the metadata is damaged.
+pub fn read_superblock(meta: &Path, superblock: u64) -> Result<Superblock> {
+    let file = match OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
         .open(meta)
-        .map_err(|e| Error::io("open metadata device", meta, e))?;
+    {
+        // A metadata file on a filesystem without direct I/O (tmpfs): the pool is not
+        // active, so the page cache holds nothing stale.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => File::open(meta),
+        r => r,
+    }
+    .map_err(|e| Error::io("open metadata device", meta, e))?;
     // Bounds come from the device: the superblock's block count lags behind a grown device.
     let nr_blocks = crate::dm::block_size_bytes(meta)? / META_BLOCK_BYTES;
     let reader = Reader {
@@ -132,5 +153,18 @@ pub fn thin_ids(meta: &Path, superblock: u64) -> Result<BTreeSet<u32>> {
     let root = u64_at(&sb.0, SB_DEVICE_DETAILS_ROOT);
     let mut ids = BTreeSet::new();
     reader.walk(root, 0, &mut ids)?;
-    Ok(ids)
+    Ok(Superblock {
+        transaction_id: u64_at(&sb.0, SB_TRANSACTION_ID),
+        data_block_size: u32_at(&sb.0, SB_DATA_BLOCK_SIZE),
+        thin_ids: ids,
+    })
+}
+
+/// The thin ids recorded in the superblock copy at block `superblock` of metadata device
+/// `meta` (see [`read_superblock`]).
+///
+/// # Errors
+/// As [`read_superblock`].
+pub fn thin_ids(meta: &Path, superblock: u64) -> Result<BTreeSet<u32>> {
+    read_superblock(meta, superblock).map(|sb| sb.thin_ids)
 }

@@ -641,6 +641,14 @@ impl ThinPool {
         }
     }
 
+    /// The LVM thin pool behind this pool, if it is one.
+    pub fn lvm(&self) -> Option<&lvm::LvmPool> {
+        match &self.backing {
+            Backing::Lvm(p) => Some(p),
+            _ => None,
+        }
+    }
+
     /// Size of the pool's data space in bytes, from its table.
     ///
     /// # Errors
@@ -708,6 +716,32 @@ impl ThinPool {
     /// [`Error::Busy`] when someone else holds a metadata snapshot.
     pub fn check_metadata(&self) -> Result<String> {
         self.with_metadata_snapshot(|meta, _| crate::cmd::thin_check(meta, true))
+    }
+
+    /// Writes the pool's metadata, as of now, to `out` as thin_dump's XML (from a metadata
+    /// snapshot, so the pool stays live). The file appears only when complete.
+    ///
+    /// # Errors
+    /// As [`ThinPool::with_metadata_snapshot`]; [`Error::Command`]/[`Error::Io`] when the
+    /// dump cannot be written.
+    #[instrument(level = "info", skip(self), fields(pool = %self.name))]
+    pub fn backup_metadata(&self, out: &Path) -> Result<()> {
+        let name = out.file_name().ok_or_else(|| {
+            Error::invalid(format!("backup file {}", out.display()), "names no file")
+        })?;
+        let partial = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+        let res = self
+            .with_metadata_snapshot(|meta, _| crate::cmd::thin_dump_snapshot(meta, &partial))
+            .and_then(|()| {
+                std::fs::File::open(&partial)
+                    .and_then(|f| f.sync_all())
+                    .and_then(|()| std::fs::rename(&partial, out))
+                    .map_err(|e| Error::io("write", out, e))
+            });
+        if res.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        res
     }
 
     /// Repairs a pool the kernel put in read-only mode or flagged `needs_check` (after an

@@ -1,0 +1,396 @@
+//! containerd 1.6 end to end on thinsnap, in the VM: `ctr` imports an OCI image (unpacked
+//! onto thin snapshots, whiteouts and opaque directories applied), runs containers on it,
+//! lists and measures the snapshots as thinsnap does, garbage-collects every device, and
+//! keeps a running container across a thinsnap restart.
+
+mod common;
+
+use std::{collections::HashMap, path::Path};
+
+use common::{
+    containerd::{Containerd, SNAPSHOTTER},
+    daemon::Daemon,
+    image::{oci_archive_with, Layer, Z},
+};
+use serde_json::{json, Value};
+
+const IMAGE: &str = "thinsnap.test/busybox:e2e";
+
+/// The guest's static busybox (the host's in a Vagrant VM).
+fn busybox() -> Vec<u8> {
+    ["/busybox/bin/busybox", "/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .find_map(|p| std::fs::read(p).ok())
+        .expect("a static busybox at /busybox/bin/busybox (the VM guest's) or /bin/busybox (apt-get install busybox-static)")
+}
+
+/// A three-layer busybox image in `dir`; returns its path and the layers' chain ids.
+///
+/// 1. busybox and its applets in /bin (gzip);
+/// 2. /data/{keep,gone,changed}.txt and /opq/{old.txt,olddir/f} (plain tar);
+/// 3. a whiteout of /data/gone.txt, a new /data/changed.txt, and /opq made opaque with a
+///    new /opq/new.txt (zstd).
+fn busybox_image(dir: &Path) -> (std::path::PathBuf, Vec<String>) {
+    const ROOT: (u32, u32) = (0, 0);
+    let mut l1 = Layer::new();
+    l1.dir("bin/", 0o755, ROOT).dir("tmp/", 0o1777, ROOT).file(
+        "bin/busybox",
+        &busybox(),
+        0o755,
+        ROOT,
+    );
+    for applet in ["sh", "ls", "cat", "echo", "sleep", "test", "tr"] {
+        l1.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    let l1 = l1.finish();
+    let l2 = Layer::new()
+        .dir("data/", 0o755, ROOT)
+        .file("data/keep.txt", b"kept from layer 2\n", 0o644, ROOT)
+        .file("data/gone.txt", b"whited out by layer 3\n", 0o644, ROOT)
+        .file("data/changed.txt", b"layer 2\n", 0o644, ROOT)
+        .dir("opq/", 0o755, ROOT)
+        .file("opq/old.txt", b"hidden by layer 3\n", 0o644, ROOT)
+        .dir("opq/olddir/", 0o755, ROOT)
+        .file("opq/olddir/f", b"hidden too\n", 0o644, ROOT)
+        .finish();
+    let l3 = Layer::new()
+        .dir("data/", 0o755, ROOT)
+        .file("data/.wh.gone.txt", b"", 0o644, ROOT)
+        .file("data/changed.txt", b"layer 3\n", 0o644, ROOT)
+        .dir("opq/", 0o755, ROOT)
+        .file("opq/.wh..wh..opq", b"", 0o644, ROOT)
+        .file("opq/new.txt", b"added by layer 3\n", 0o644, ROOT)
+        .finish();
+    let runtime = json!({"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"});
+    let (archive, chain) = oci_archive_with(
+        &[(&l1, Z::Gzip), (&l2, Z::Tar), (&l3, Z::Zstd)],
+        IMAGE,
+        false,
+        Some(&runtime),
+    );
+    let path = dir.join("busybox-oci.tar");
+    archive.write(&path);
+    (path, chain)
+}
+
+/// Imports the busybox image onto thinsnap; returns its chain ids.
+fn import(c: &Containerd) -> Vec<String> {
+    let (archive, chain) = busybox_image(c.dir.path());
+    let out = c.ok(&[
+        "images",
+        "import",
+        "--snapshotter",
+        SNAPSHOTTER,
+        archive.to_str().unwrap(),
+    ]);
+    assert!(out.contains(IMAGE), "import: {out}");
+    chain
+}
+
+fn ok_cli(d: &Daemon, args: &[&str]) -> String {
+    let out = d.cli(args);
+    assert!(
+        out.status.success(),
+        "thinsnap {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json_cli(d: &Daemon, args: &[&str]) -> Value {
+    serde_json::from_str(&ok_cli(d, args)).unwrap()
+}
+
+/// containerd's key of a thinsnap snapshot name: containerd names its snapshots
+/// `<namespace>/<n>/<key>` in the snapshotter.
+fn key_of<'a>(c: &Containerd, name: &'a str) -> &'a str {
+    let mut parts = name.splitn(3, '/');
+    assert_eq!(parts.next(), Some(c.namespace.as_str()), "{name}");
+    assert!(parts.next().unwrap().parse::<u64>().is_ok(), "{name}");
+    parts.next().unwrap()
+}
+
+/// A snapshot as (containerd's key, parent key, kind in lower case).
+type Row = (String, String, String);
+
+/// Every snapshot as `ctr snapshots ls` shows it, sorted.
+fn ctr_snapshots(c: &Containerd) -> Vec<Row> {
+    let out = c.ok(&["snapshots", "--snapshotter", SNAPSHOTTER, "ls"]);
+    let mut rows: Vec<Row> = out
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f[..] {
+                [key, kind] => (key.into(), String::new(), kind.to_lowercase()),
+                [key, parent, kind] => (key.into(), parent.into(), kind.to_lowercase()),
+                _ => panic!("ctr snapshots ls: {out}"),
+            }
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// The same as thinsnap lists them (`thinsnap snapshot list --json`), with containerd's
+/// prefixes taken off; also the thinsnap names by key.
+fn thinsnap_snapshots(c: &Containerd, d: &Daemon) -> (Vec<Row>, HashMap<String, String>) {
+    let list = json_cli(d, &["snapshot", "list", "--json"]);
+    let mut names = HashMap::new();
+    let mut rows: Vec<Row> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let name = s["name"].as_str().unwrap();
+            let parent = s["parent"].as_str().unwrap_or("");
+            let key = key_of(c, name).to_string();
+            names.insert(key.clone(), name.to_string());
+            let parent = if parent.is_empty() {
+                String::new()
+            } else {
+                key_of(c, parent).to_string()
+            };
+            (key, parent, s["kind"].as_str().unwrap().to_string())
+        })
+        .collect();
+    rows.sort();
+    (rows, names)
+}
+
+/// Asserts that ctr's `snapshots ls`, `info` and `usage` agree with thinsnap's `snapshot
+/// list`, `info` and `usage`; returns the snapshots.
+fn assert_snapshots_agree(c: &Containerd, d: &Daemon) -> Vec<Row> {
+    let ctr = ctr_snapshots(c);
+    let (ts, names) = thinsnap_snapshots(c, d);
+    assert_eq!(ctr, ts, "ctr snapshots ls vs thinsnap snapshot list");
+
+    for (key, parent, kind) in &ctr {
+        let info: Value =
+            serde_json::from_str(&c.ok(&["snapshots", "--snapshotter", SNAPSHOTTER, "info", key]))
+                .unwrap();
+        assert_eq!(info["Name"], key.as_str(), "{info}");
+        assert_eq!(
+            info["Kind"].as_str().unwrap().to_lowercase(),
+            *kind,
+            "{info}"
+        );
+        assert_eq!(info["Parent"].as_str().unwrap_or(""), parent, "{info}");
+        let tinfo = json_cli(d, &["snapshot", "info", &names[key], "--json"]);
+        assert_eq!(tinfo["kind"], kind.as_str(), "{tinfo}");
+    }
+
+    // Usage: containerd passes thinsnap's answer through. A committed snapshot's is fixed
+    // at commit; an active one's is measured on each call (its device's mapped bytes), so
+    // it may only have grown between ctr's call and thinsnap's (a journal commit, say).
+    let usage = c.ok(&["snapshots", "--snapshotter", SNAPSHOTTER, "usage", "-b"]);
+    let ctr_usage: HashMap<String, (u64, u64)> = usage
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].into(), (f[1].parse().unwrap(), f[2].parse().unwrap()))
+        })
+        .collect();
+    let ts_usage: HashMap<String, (u64, u64)> = json_cli(d, &["snapshot", "usage", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            let key = key_of(c, u["name"].as_str().unwrap()).to_string();
+            (
+                key,
+                (u["bytes"].as_u64().unwrap(), u["inodes"].as_u64().unwrap()),
+            )
+        })
+        .collect();
+    assert_eq!(ctr_usage.len(), ctr.len(), "{usage}");
+    for (key, _, kind) in &ctr {
+        let (c_bytes, c_inodes) = ctr_usage[key];
+        let (t_bytes, t_inodes) = ts_usage[key];
+        assert!(c_bytes > 0 && c_inodes > 0, "{key}: {usage}");
+        if kind == "committed" {
+            assert_eq!((c_bytes, c_inodes), (t_bytes, t_inodes), "usage of {key}");
+        } else {
+            assert!(
+                c_bytes <= t_bytes && c_inodes == t_inodes,
+                "usage of {key}: ctr {c_bytes} {c_inodes}, thinsnap {t_bytes} {t_inodes}"
+            );
+        }
+    }
+    ctr
+}
+
+/// Thin devices in the daemon's pool (`thinsnap pool status --json`).
+fn thin_devices(d: &Daemon) -> u64 {
+    json_cli(d, &["pool", "status", "--json"])["thin_devices"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Lines of `out` that report a file as present or absent.
+fn presence(out: &str) -> Vec<&str> {
+    out.lines()
+        .filter(|l| l.starts_with("present ") || l.starts_with("absent "))
+        .collect()
+}
+
+const LOOK: &str = "cd /; for f in data/keep.txt data/gone.txt data/changed.txt opq/old.txt \
+    opq/olddir opq/new.txt data/written; do if [ -e $f ]; then echo \"present $f\"; \
+    else echo \"absent $f\"; fi; done; echo \"changed: $(cat data/changed.txt)\"; \
+    echo \"opq: $(ls -A opq | tr '\\n' ' ')\"";
+
+#[test]
+fn loop_containerd_runs_an_image_unpacked_on_thinsnap() {
+    let d = Daemon::start();
+    let c = Containerd::start(&d);
+    let chain = import(&c);
+
+    // Unpacked: one committed snapshot per layer, named by its chain id, each on the one
+    // below.
+    let snaps = assert_snapshots_agree(&c, &d);
+    let mut want: Vec<Row> = chain
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let parent = if i == 0 {
+                String::new()
+            } else {
+                chain[i - 1].clone()
+            };
+            (id.clone(), parent, "committed".to_string())
+        })
+        .collect();
+    want.sort();
+    assert_eq!(snaps, want, "the image's layers");
+
+    // A running container's active snapshot: listed, described and measured alike.
+    // (Before the containers below: containerd removes a deleted container's snapshot
+    // from the snapshotter only when it collects garbage.)
+    c.run_detached(IMAGE, "long", &["sleep", "600"]);
+    let snaps = assert_snapshots_agree(&c, &d);
+    assert!(
+        snaps.contains(&("long".into(), chain[2].clone(), "active".into())),
+        "{snaps:?}"
+    );
+
+    // A container sees the layers merged: whiteout and opaque directory applied.
+    let out = c.run(
+        IMAGE,
+        "c1",
+        &format!(
+            "{LOOK}; echo written-by-c1 > /data/written; echo \"written: $(cat /data/written)\""
+        ),
+    );
+    assert_eq!(
+        presence(&out),
+        [
+            "present data/keep.txt",
+            "absent data/gone.txt",
+            "present data/changed.txt",
+            "absent opq/old.txt",
+            "absent opq/olddir",
+            "present opq/new.txt",
+            "absent data/written",
+        ],
+        "{out}"
+    );
+    assert!(out.contains("changed: layer 3\n"), "{out}");
+    assert!(out.contains("opq: new.txt \n"), "{out}");
+    assert!(out.contains("written: written-by-c1\n"), "{out}");
+
+    // Its write is its own: not in a second container, not in the image's top layer.
+    let out = c.run(IMAGE, "c2", LOOK);
+    assert!(presence(&out).contains(&"absent data/written"), "{out}");
+    let (_, names) = thinsnap_snapshots(&c, &d);
+    let top = &names[chain.last().unwrap()];
+    let m = d.dir.path().join("inspect");
+    std::fs::create_dir_all(&m).unwrap();
+    ok_cli(&d, &["snapshot", "mount", top, m.to_str().unwrap()]);
+    let in_image = (
+        m.join("data/keep.txt").exists(),
+        m.join("data/written").exists(),
+    );
+    ok_cli(&d, &["snapshot", "umount", m.to_str().unwrap()]);
+    assert_eq!(
+        in_image,
+        (true, false),
+        "the top layer has keep.txt, not the write"
+    );
+}
+
+#[test]
+fn loop_containerd_gc_removes_every_snapshot_device() {
+    let d = Daemon::start();
+    let before = thin_devices(&d);
+    let c = Containerd::start(&d);
+    import(&c);
+    c.run(IMAGE, "once", "echo hello > /hello");
+    c.run_detached(IMAGE, "kept", &["sleep", "600"]);
+    c.ok(&["tasks", "kill", "-s", "SIGKILL", "kept"]);
+    let start = std::time::Instant::now();
+    while !c.ok(&["tasks", "ls"]).contains("STOPPED") {
+        assert!(start.elapsed().as_secs() < 60, "{}", c.ok(&["tasks", "ls"]));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    c.ok(&["tasks", "delete", "kept"]);
+    c.ok(&["containers", "delete", "kept"]);
+    assert!(
+        thin_devices(&d) > before,
+        "the image and containers used devices"
+    );
+
+    // Removing the image with --sync runs containerd's garbage collector, which removes
+    // every snapshot through thinsnap's Remove.
+    c.ok(&["images", "rm", "--sync", IMAGE]);
+    assert_eq!(ctr_snapshots(&c), vec![], "containerd has no snapshot left");
+    let list = json_cli(&d, &["snapshot", "list", "--json"]);
+    assert_eq!(list, json!([]), "thinsnap has no snapshot left");
+    // The base device (the empty filesystem every layer starts from) stays for the next one.
+    assert_eq!(thin_devices(&d), before + 1, "only the base device is left");
+}
+
+#[test]
+fn loop_containerd_container_survives_a_thinsnap_restart() {
+    let mut d = Daemon::start();
+    let c = Containerd::start(&d);
+    import(&c);
+    c.run_detached(IMAGE, "long", &["sleep", "600"]);
+    let out = c.ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e1",
+        "long",
+        "sh",
+        "-c",
+        "echo before > /state; cat /data/keep.txt",
+    ]);
+    assert_eq!(out, "kept from layer 2\n");
+
+    assert!(d.stop().unwrap().success(), "thinsnap stops cleanly");
+    d.spawn();
+
+    // The running container still has its filesystem, and writes to it.
+    let out = c.ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e2",
+        "long",
+        "sh",
+        "-c",
+        "echo after >> /state; cat /state /data/keep.txt",
+    ]);
+    assert_eq!(out, "before\nafter\nkept from layer 2\n");
+    // The new daemon knows the same snapshots as containerd, and serves a new container.
+    let snaps = assert_snapshots_agree(&c, &d);
+    assert!(
+        snaps.iter().any(|s| s.0 == "long" && s.2 == "active"),
+        "{snaps:?}"
+    );
+    let out = c.run(IMAGE, "after-restart", "cat /data/changed.txt");
+    assert_eq!(out, "layer 3\n");
+}
