@@ -90,9 +90,10 @@ pub fn apply_layer<R: Read>(
         cache: None,
         euid: Uid::effective().as_raw(),
         egid: Gid::effective().as_raw(),
+        umask: current_umask(),
     };
-    let mut tar = tar::Archive::new(stream);
-    let entries = tar.entries().map_err(|e| Error::LayerFormat {
+    let mut tar = tar::Archive::new(Forward::new(stream));
+    let entries = tar.entries_with_seek().map_err(|e| Error::LayerFormat {
         what: format!("is not a tar stream: {e}"),
     })?;
     for entry in entries {
@@ -110,6 +111,68 @@ pub fn apply_layer<R: Read>(
     }
     a.finish_dirs()?;
     Ok(a.stats)
+}
+
+/// A stream that can seek forward by reading: the tar crate then skips what is left of an
+/// entry (its padding, data nobody read) by seeking; it otherwise reads it into a 32 KiB
+/// buffer that it zeroes first, for every entry, even when there is nothing to skip.
+struct Forward<R> {
+    inner: R,
+    pos: u64,
+    skip: Vec<u8>,
+}
+
+impl<R: Read> Forward<R> {
+    fn new(inner: R) -> Forward<R> {
+        Forward {
+            inner,
+            pos: 0,
+            skip: Vec::new(),
+        }
+    }
+}
+
+impl<R: Read> Read for Forward<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: Read> io::Seek for Forward<R> {
+    fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+        let mut amt = match to {
+            io::SeekFrom::Current(d) if d >= 0 => d as u64,
+            io::SeekFrom::Start(p) if p >= self.pos => p - self.pos,
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "a layer stream only seeks forward",
+                ))
+            }
+        };
+        while amt > 0 {
+            if self.skip.is_empty() {
+                self.skip = vec![0u8; 32 << 10];
+            }
+            let want = amt.min(self.skip.len() as u64) as usize;
+            let n = match self.inner.read(&mut self.skip[..want]) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "unexpected EOF during skip",
+                    ))
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.pos += n as u64;
+            amt -= n as u64;
+        }
+        Ok(self.pos)
+    }
 }
 
 /// Normalizes a layer entry's name into components joined by `/` (empty for the root),
@@ -269,6 +332,34 @@ fn remove_tree(dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// The process's umask, from /proc/self/status (umask(2) can only read it by changing
+/// it, for every thread at once); None when it cannot be read.
+fn current_umask() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let v = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+    u32::from_str_radix(v.trim(), 8).ok()
+}
+
+/// Whether directory `dir` has a default ACL, which (instead of the umask) limits the mode
+/// of files made in it; true when that cannot be told.
+fn has_default_acl(dir: &OwnedFd) -> bool {
+    let path = cstr(format!("/proc/self/fd/{}", dir.as_raw_fd()).as_bytes());
+    // SAFETY: a NUL-terminated path and name; a null buffer of size 0 asks for the size.
+    let r = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"system.posix_acl_default".as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    r >= 0
+        || !matches!(
+            io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENODATA) | Some(libc::EOPNOTSUPP)
+        )
+}
+
 fn is_zero(b: &[u8]) -> bool {
     // SAFETY: every bit pattern is a valid u64.
     let (head, mid, tail) = unsafe { b.align_to::<u64>() };
@@ -338,12 +429,15 @@ struct Applier {
     dirs: HashMap<Vec<u8>, DirMeta>,
     buf: Vec<u8>,
     stats: ApplyStats,
-    /// The parent directory of the last regular file, its path, and the group new files
-    /// in it get: runs of files in one directory resolve it once. Dropped by every entry
-    /// that could replace a directory.
-    cache: Option<(Vec<u8>, Rc<OwnedFd>, u32)>,
+    /// The parent directory of the last regular file, its path, the group new files in
+    /// it get, and whether they get exactly the mode they are created with: runs of files
+    /// in one directory resolve it once. Dropped by every entry that could replace a
+    /// directory.
+    cache: Option<(Vec<u8>, Rc<OwnedFd>, u32, bool)>,
     euid: u32,
     egid: u32,
+    /// The process's umask, if known.
+    umask: Option<u32>,
 }
 
 impl Applier {
@@ -435,12 +529,12 @@ impl Applier {
         Ok(fd)
     }
 
-    /// The parent directory of a regular file (see `cache`) and the group new files in it
-    /// get.
-    fn file_parent(&mut self, entry: &str, rel: &[u8]) -> Result<(Rc<OwnedFd>, u32)> {
-        if let Some((p, fd, gid)) = &self.cache {
+    /// The parent directory of a regular file (see `cache`), the group new files in it
+    /// get, and whether they get exactly the mode they are created with (minus the umask).
+    fn file_parent(&mut self, entry: &str, rel: &[u8]) -> Result<(Rc<OwnedFd>, u32, bool)> {
+        if let Some((p, fd, gid, plain)) = &self.cache {
             if p == rel {
-                return Ok((fd.clone(), *gid));
+                return Ok((fd.clone(), *gid, *plain));
             }
         }
         let fd = self.parent(entry, rel)?;
@@ -451,9 +545,10 @@ impl Applier {
         } else {
             self.egid
         };
+        let plain = !has_default_acl(&fd);
         let fd = Rc::new(fd);
-        self.cache = Some((rel.to_vec(), fd.clone(), gid));
-        Ok((fd, gid))
+        self.cache = Some((rel.to_vec(), fd.clone(), gid, plain));
+        Ok((fd, gid, plain))
     }
 
     /// Makes room for a new `name` in `dir`: removes what is there, except a directory
@@ -569,15 +664,26 @@ impl Applier {
             }
             _ => {}
         }
-        let (dir, new_gid) = if regular {
+        let (dir, new_gid, plain) = if regular {
             self.file_parent(&shown, parent)?
         } else {
-            (Rc::new(self.parent(&shown, parent)?), 0)
+            (Rc::new(self.parent(&shown, parent)?), 0, false)
         };
         let cname = cstr(name);
         let fail = |op: &str| Self::fail(&shown, op.to_string());
         match kind {
             T::Regular | T::Continuous | T::GNUSparse => {
+                // New files are ours, with the directory's group if it is setgid.
+                let chown = self.privileged && (meta.uid != self.euid || meta.gid != new_gid);
+                // Made with their mode when nothing would change it afterwards: no owner
+                // to set (a chown clears setuid and setgid, so those are set after it), no
+                // special bits, nothing the umask takes away, no default ACL deciding
+                // instead. Else made 0600 and given their mode once owned.
+                let exact = !chown
+                    && meta.mode & 0o7000 == 0
+                    && plain
+                    && self.umask.is_some_and(|u| meta.mode & u == 0);
+                let create_mode = if exact { meta.mode } else { 0o600 };
                 let create = || {
                     nix::fcntl::openat(
                         &dir,
@@ -587,7 +693,7 @@ impl Applier {
                             | OFlag::O_EXCL
                             | OFlag::O_NOFOLLOW
                             | OFlag::O_CLOEXEC,
-                        Mode::from_bits_truncate(0o600),
+                        Mode::from_bits_truncate(create_mode),
                     )
                 };
                 let fd = match create() {
@@ -617,13 +723,14 @@ impl Applier {
                 }
                 self.stats.files += 1;
                 self.stats.bytes += written;
-                // New files are ours, with the directory's group if it is setgid.
-                if self.privileged && (meta.uid != self.euid || meta.gid != new_gid) {
+                if chown {
                     unistd::fchown(&file, Some(Uid::from(meta.uid)), Some(Gid::from(meta.gid)))
                         .map_err(|e| fail("set the owner")(e.into()))?;
                 }
-                stat::fchmod(&file, Mode::from_bits_truncate(meta.mode))
-                    .map_err(|e| fail("set the mode")(e.into()))?;
+                if !exact {
+                    stat::fchmod(&file, Mode::from_bits_truncate(meta.mode))
+                        .map_err(|e| fail("set the mode")(e.into()))?;
+                }
                 Self::fd_xattrs(&file, &meta, &shown)?;
                 stat::futimens(&file, &meta.atime, &meta.mtime)
                     .map_err(|e| fail("set the times")(e.into()))?;
@@ -1112,6 +1219,24 @@ mod tests {
     }
 
     #[test]
+    fn streams_seek_forward_only_by_reading() {
+        use std::io::{Seek, SeekFrom};
+        let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let mut f = Forward::new(&data[..]);
+        let mut b = [0u8; 3];
+        f.read_exact(&mut b).unwrap();
+        assert_eq!(f.stream_position().unwrap(), 3);
+        assert_eq!(f.seek(SeekFrom::Current(70_000)).unwrap(), 70_003);
+        f.read_exact(&mut b).unwrap();
+        assert_eq!(b, [data[70_003], data[70_004], data[70_005]]);
+        assert_eq!(f.seek(SeekFrom::Start(70_010)).unwrap(), 70_010);
+        assert!(f.seek(SeekFrom::Current(-1)).is_err());
+        assert!(f.seek(SeekFrom::Start(0)).is_err());
+        let e = f.seek(SeekFrom::Current(50_000)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
     fn pax_times() {
         assert_eq!(pax_time("12"), Some(TimeSpec::new(12, 0)));
         assert_eq!(pax_time("12.5"), Some(TimeSpec::new(12, 500_000_000)));
@@ -1203,6 +1328,38 @@ mod tests {
             std::fs::metadata(root).unwrap().permissions().mode() & 0o7777,
             0o755
         );
+    }
+
+    #[test]
+    fn file_modes_are_exact_whatever_the_umask_or_a_default_acl() {
+        let d = tmp();
+        let root = d.path();
+        // A default ACL granting only the owner: files made in that directory would get
+        // their mode masked by it, not by the umask.
+        let mut acl = 2u32.to_le_bytes().to_vec();
+        for (tag, perm) in [(0x01u16, 7u16), (0x04, 0), (0x20, 0)] {
+            acl.extend_from_slice(&tag.to_le_bytes());
+            acl.extend_from_slice(&perm.to_le_bytes());
+            acl.extend_from_slice(&u32::MAX.to_le_bytes());
+        }
+        let modes = [
+            0o644, 0o666, 0o777, 0o755, 0o000, 0o400, 0o4755, 0o2755, 0o1644, 0o6777,
+        ];
+        let mut t = Tar::new();
+        t.pax(&[("SCHILY.xattr.system.posix_acl_default", &acl)])
+            .dir("acl/", 0o755);
+        for m in modes {
+            t.file(&format!("plain/{m:o}"), b"x", m)
+                .file(&format!("acl/{m:o}"), b"x", m);
+        }
+        apply(root, &mut t).unwrap();
+        for dir in ["plain", "acl"] {
+            for m in modes {
+                let p = root.join(format!("{dir}/{m:o}"));
+                let got = std::fs::metadata(&p).unwrap().mode() & 0o7777;
+                assert_eq!(got, m, "{}: {got:o}", p.display());
+            }
+        }
     }
 
     #[test]

@@ -27,6 +27,8 @@ use super::{
 pub const MAX_JSON: u64 = 16 << 20;
 /// Most layers an image may have (containerd and Docker allow 127 in practice).
 pub const MAX_LAYERS: usize = 1024;
+/// Bytes read at a time when checking a blob's digest.
+const VERIFY_READ: usize = 1 << 20;
 /// Deepest nesting of image indexes followed.
 const MAX_INDEX_DEPTH: usize = 4;
 
@@ -239,12 +241,12 @@ impl Read for Section<'_> {
 }
 
 /// Calls a function with the number of bytes each read returned.
-struct Counting<'p, R> {
+struct Counting<'p, F: ?Sized, R> {
     inner: R,
-    f: &'p mut dyn FnMut(u64),
+    f: &'p mut F,
 }
 
-impl<R: Read> Read for Counting<'_, R> {
+impl<F: FnMut(u64) + ?Sized, R: Read> Read for Counting<'_, F, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         (self.f)(n as u64);
@@ -254,7 +256,7 @@ impl<R: Read> Read for Counting<'_, R> {
 
 /// A layer's uncompressed tar stream; [`LayerStream::finish`] checks its diff id.
 pub struct LayerStream<'a> {
-    inner: Hashing<Box<dyn Read + 'a>>,
+    inner: Hashing<Box<dyn Read + Send + 'a>>,
     compression: Compression,
     archive: &'a Path,
     entry: String,
@@ -275,14 +277,7 @@ impl LayerStream<'_> {
     /// [`Error::DiffId`] on a mismatch; [`Error::Archive`] when the blob cannot be read
     /// or decompressed to its end.
     pub fn finish(mut self) -> Result<u64> {
-        io::copy(&mut self.inner, &mut io::sink()).map_err(|e| Error::Archive {
-            archive: self.archive.to_path_buf(),
-            what: format!(
-                "layer {}: cannot read or decompress ({}) it to its end: {e}",
-                self.entry,
-                self.compression.as_str()
-            ),
-        })?;
+        io::copy(&mut self.inner, &mut io::sink()).map_err(|e| self.read_error(e))?;
         let (actual, bytes) = self.inner.finish();
         if actual != self.diff_id {
             return Err(Error::DiffId {
@@ -294,6 +289,21 @@ impl LayerStream<'_> {
             });
         }
         Ok(bytes)
+    }
+}
+
+impl LayerStream<'_> {
+    /// The error for failing to read or decompress the blob to its end (`e`, from a read
+    /// of this stream) after the layer's tar ended.
+    pub fn read_error(&self, e: io::Error) -> Error {
+        Error::Archive {
+            archive: self.archive.to_path_buf(),
+            what: format!(
+                "layer {}: cannot read or decompress ({}) it to its end: {e}",
+                self.entry,
+                self.compression.as_str()
+            ),
+        }
     }
 }
 
@@ -869,7 +879,16 @@ impl Archive {
             inner: self.section(offset, size),
             f: progress,
         });
-        io::copy(&mut h, &mut io::sink()).map_err(|e| Error::io("read", &self.path, e))?;
+        // Large reads: io::copy would read 8 KiB at a time, a syscall each.
+        let mut buf = vec![0u8; VERIFY_READ];
+        loop {
+            match h.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("read", &self.path, e)),
+            }
+        }
         let (actual, _) = h.finish();
         if &actual != expected {
             return Err(self.integrity(
@@ -888,7 +907,7 @@ impl Archive {
     pub fn layer<'a>(
         &'a self,
         layer: &Layer,
-        progress: &'a mut dyn FnMut(u64),
+        progress: &'a mut (dyn FnMut(u64) + Send),
     ) -> Result<LayerStream<'a>> {
         let (offset, size) = self.locate(&layer.entry)?;
         let mut section = self.section(offset, size);
@@ -927,7 +946,7 @@ impl Archive {
             f: progress,
         };
         let raw = io::BufReader::with_capacity(256 << 10, raw);
-        let decoded: Box<dyn Read + 'a> = match compression {
+        let decoded: Box<dyn Read + Send + 'a> = match compression {
             Compression::None => Box::new(raw),
             Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
             Compression::Zstd => Box::new(

@@ -17,8 +17,19 @@ pub mod export;
 mod hostile;
 pub(crate) mod mount;
 pub mod owner;
+mod readahead;
+mod verify;
+mod writeback;
 
-use std::{cell::RefCell, collections::HashMap, fmt, io::Write, path::Path, time::Instant};
+use std::{
+    cell::{Cell, RefCell},
+    collections::HashMap,
+    fmt,
+    io::Write,
+    path::Path,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::Instant,
+};
 
 pub use archive::{Compression, Format};
 pub use digest::Digest;
@@ -335,12 +346,7 @@ pub fn import(
             &format!("verifying {} layer blobs", to_verify.len()),
             to_verify.iter().map(|l| l.size).sum(),
         );
-        for l in to_verify {
-            if progress.cancelled() {
-                return Err(Error::Interrupted);
-            }
-            archive.verify(l, &mut |n| progress.advance(n))?;
-        }
+        verify::verify_blobs(&archive, &to_verify, progress)?;
         progress.done("layer blobs match their digests");
     }
     let total = image.layers.len();
@@ -496,7 +502,9 @@ fn import_layer(
     }
 }
 
-/// Mounts the prepared snapshot, applies the layer, checks its diff id, unmounts.
+/// Mounts the prepared snapshot, applies the layer, checks its diff id, unmounts. The blob
+/// is read, decompressed and hashed on a thread of its own ([`readahead`]), ahead of the
+/// applying; what is applied is written back on another ([`writeback`]), meanwhile.
 fn fill(
     archive: &Archive,
     layer: &archive::Layer,
@@ -511,19 +519,44 @@ fn fill(
     })?;
     let mnt = TempMount::new("import", m, &["nodev", "nosuid", "noexec"])?;
     fp("import.after-mount");
-    let progress = RefCell::new(progress);
-    let mut advance = |n| progress.borrow_mut().advance(n);
-    let mut stream = archive.layer(layer, &mut advance)?;
-    let compression = stream.compression();
-    let entries = std::cell::Cell::new(0u64);
-    let stats = apply::apply_layer(mnt.path(), &mut stream, &|| {
-        entries.set(entries.get() + 1);
-        if entries.get() == 3 {
-            fp("import.after-entries");
+    // Blob bytes read (by the read-ahead thread), and how many of them were reported.
+    let read = AtomicU64::new(0);
+    let reported = Cell::new(0u64);
+    let report = |progress: &mut dyn Progress| {
+        let now = read.load(Ordering::Relaxed);
+        if now > reported.get() {
+            progress.advance(now - reported.get());
+            reported.set(now);
         }
-        progress.borrow().cancelled()
+    };
+    let mut count = |n| {
+        read.fetch_add(n, Ordering::Relaxed);
+    };
+    let stream = archive.layer(layer, &mut count)?;
+    let compression = stream.compression();
+    // Uncompressed bytes handed to the applier, and whether to stop writing back.
+    let (applied, stop) = (AtomicU64::new(0), AtomicBool::new(false));
+    let (stats, bytes) = std::thread::scope(|s| -> Result<_> {
+        let flusher = writeback::spawn(s, mnt.path(), &applied, &stop)?;
+        let mut ahead = readahead::spawn(s, stream, &applied);
+        let entries = Cell::new(0u64);
+        let progress = RefCell::new(&mut *progress);
+        let stats = apply::apply_layer(mnt.path(), &mut ahead, &|| {
+            entries.set(entries.get() + 1);
+            if entries.get() == 3 {
+                fp("import.after-entries");
+            }
+            let mut p = progress.borrow_mut();
+            report(&mut **p);
+            p.cancelled()
+        })?;
+        let (stream, rest) = ahead.finish();
+        rest.map_err(|e| stream.read_error(e))?;
+        let bytes = stream.finish()?;
+        flusher.finish()?;
+        Ok((stats, bytes))
     })?;
-    let bytes = stream.finish()?;
+    report(progress);
     fp("import.after-apply");
     mnt.unmount()?;
     fp("import.after-unmount");
