@@ -44,7 +44,8 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 pub struct Containerd {
     child: Option<Child>,
     ctr: PathBuf,
-    path: std::ffi::OsString,
+    /// PATH containerd runs with: its programs' directories first.
+    pub path: std::ffi::OsString,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub socket: PathBuf,

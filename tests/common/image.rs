@@ -238,6 +238,16 @@ pub fn oci_archive_with(
 /// A `docker save` archive of Docker before 25: `<id>/layer.tar`, `<hex>.json`,
 /// manifest.json.
 pub fn docker_archive(layers: &[&[u8]], tag: &str) -> (Archive, Vec<String>) {
+    docker_archive_with(layers, tag, None)
+}
+
+/// [`docker_archive`] whose image config has `runtime` as its `config` (Cmd, Env, ...), so
+/// that Docker can run it.
+pub fn docker_archive_with(
+    layers: &[&[u8]],
+    tag: &str,
+    runtime: Option<&serde_json::Value>,
+) -> (Archive, Vec<String>) {
     let mut a = Archive(vec![]);
     let diff_ids: Vec<String> = layers.iter().map(|t| digest(t)).collect();
     let mut paths = vec![];
@@ -247,7 +257,7 @@ pub fn docker_archive(layers: &[&[u8]], tag: &str) -> (Archive, Vec<String>) {
         a.add(format!("{id}/layer.tar"), t.to_vec());
         paths.push(format!("{id}/layer.tar"));
     }
-    let config = config_json(&diff_ids);
+    let config = runtime_config_json(&diff_ids, runtime);
     let cname = format!("{}.json", super::sha256(&config));
     a.add(cname.clone(), config);
     a.add(

@@ -6,6 +6,7 @@
 pub mod containerd;
 pub mod daemon;
 pub mod docker;
+pub mod dockerd;
 pub mod image;
 pub mod volume;
 
