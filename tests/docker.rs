@@ -14,20 +14,12 @@ use common::{
     containerd::Containerd,
     daemon::Daemon,
     dockerd::{self, Dockerd},
-    image::{chain_ids, digest, docker_archive_with, Layer},
+    image::{busybox_layers, chain_ids, digest, docker_archive_with},
 };
 use serde_json::{json, Value};
 
 const IMAGE: &str = "thinsnap.test/busybox:docker";
 const COMMITTED: &str = "thinsnap.test/committed:1";
-
-/// The guest's static busybox (the host's in a Vagrant VM).
-fn busybox() -> Vec<u8> {
-    ["/busybox/bin/busybox", "/bin/busybox", "/usr/bin/busybox"]
-        .iter()
-        .find_map(|p| std::fs::read(p).ok())
-        .expect("a static busybox at /busybox/bin/busybox (the VM guest's) or /bin/busybox (apt-get install busybox-static)")
-}
 
 /// A three-layer busybox image as `docker save` wrote it before Docker 25, in `dir`;
 /// returns its path and the layers' diff ids.
@@ -37,36 +29,7 @@ fn busybox() -> Vec<u8> {
 /// 3. a whiteout of /data/gone.txt, a new /data/changed.txt, and /opq made opaque with a
 ///    new /opq/new.txt.
 fn busybox_image(dir: &Path) -> (PathBuf, Vec<String>) {
-    const ROOT: (u32, u32) = (0, 0);
-    let mut l1 = Layer::new();
-    l1.dir("bin/", 0o755, ROOT).dir("tmp/", 0o1777, ROOT).file(
-        "bin/busybox",
-        &busybox(),
-        0o755,
-        ROOT,
-    );
-    for applet in ["sh", "ls", "cat", "echo", "sleep", "test", "tr", "rm"] {
-        l1.symlink(&format!("bin/{applet}"), "busybox");
-    }
-    let l1 = l1.finish();
-    let l2 = Layer::new()
-        .dir("data/", 0o755, ROOT)
-        .file("data/keep.txt", b"kept from layer 2\n", 0o644, ROOT)
-        .file("data/gone.txt", b"whited out by layer 3\n", 0o644, ROOT)
-        .file("data/changed.txt", b"layer 2\n", 0o644, ROOT)
-        .dir("opq/", 0o755, ROOT)
-        .file("opq/old.txt", b"hidden by layer 3\n", 0o644, ROOT)
-        .dir("opq/olddir/", 0o755, ROOT)
-        .file("opq/olddir/f", b"hidden too\n", 0o644, ROOT)
-        .finish();
-    let l3 = Layer::new()
-        .dir("data/", 0o755, ROOT)
-        .file("data/.wh.gone.txt", b"", 0o644, ROOT)
-        .file("data/changed.txt", b"layer 3\n", 0o644, ROOT)
-        .dir("opq/", 0o755, ROOT)
-        .file("opq/.wh..wh..opq", b"", 0o644, ROOT)
-        .file("opq/new.txt", b"added by layer 3\n", 0o644, ROOT)
-        .finish();
+    let [l1, l2, l3] = busybox_layers(&["sh", "ls", "cat", "echo", "sleep", "test", "tr", "rm"]);
     let runtime = json!({"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"});
     let (archive, _) = docker_archive_with(&[&l1, &l2, &l3], IMAGE, Some(&runtime));
     let path = dir.join("busybox-docker.tar");

@@ -267,3 +267,53 @@ pub fn docker_archive_with(
     );
     (a, chain_ids(&diff_ids))
 }
+
+/// The guest's static busybox (the host's in a Vagrant VM).
+#[allow(dead_code)]
+pub fn busybox() -> Vec<u8> {
+    ["/busybox/bin/busybox", "/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .find_map(|p| std::fs::read(p).ok())
+        .expect("a static busybox at /busybox/bin/busybox (the VM guest's) or /bin/busybox (apt-get install busybox-static)")
+}
+
+/// The three layers (uncompressed tars) of the end-to-end tests' busybox image:
+///
+/// 1. busybox and `applets` as symlinks to it in /bin, and /tmp;
+/// 2. /data/{keep,gone,changed}.txt and /opq/{old.txt,olddir/f};
+/// 3. a whiteout of /data/gone.txt, a new /data/changed.txt, and /opq made opaque with a
+///    new /opq/new.txt.
+#[allow(dead_code)]
+pub fn busybox_layers(applets: &[&str]) -> [Vec<u8>; 3] {
+    const ROOT: (u32, u32) = (0, 0);
+    let mut l1 = Layer::new();
+    l1.dir("bin/", 0o755, ROOT).dir("tmp/", 0o1777, ROOT).file(
+        "bin/busybox",
+        &busybox(),
+        0o755,
+        ROOT,
+    );
+    for applet in applets {
+        l1.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    let l1 = l1.finish();
+    let l2 = Layer::new()
+        .dir("data/", 0o755, ROOT)
+        .file("data/keep.txt", b"kept from layer 2\n", 0o644, ROOT)
+        .file("data/gone.txt", b"whited out by layer 3\n", 0o644, ROOT)
+        .file("data/changed.txt", b"layer 2\n", 0o644, ROOT)
+        .dir("opq/", 0o755, ROOT)
+        .file("opq/old.txt", b"hidden by layer 3\n", 0o644, ROOT)
+        .dir("opq/olddir/", 0o755, ROOT)
+        .file("opq/olddir/f", b"hidden too\n", 0o644, ROOT)
+        .finish();
+    let l3 = Layer::new()
+        .dir("data/", 0o755, ROOT)
+        .file("data/.wh.gone.txt", b"", 0o644, ROOT)
+        .file("data/changed.txt", b"layer 3\n", 0o644, ROOT)
+        .dir("opq/", 0o755, ROOT)
+        .file("opq/.wh..wh..opq", b"", 0o644, ROOT)
+        .file("opq/new.txt", b"added by layer 3\n", 0o644, ROOT)
+        .finish();
+    [l1, l2, l3]
+}
