@@ -10,7 +10,7 @@ use std::{collections::HashMap, path::Path};
 use common::{
     containerd::{Containerd, SNAPSHOTTER},
     daemon::Daemon,
-    image::{busybox_layers, oci_archive_with, Z},
+    image::{busybox_layers, oci_archive_with, presence, LOOK, Z},
 };
 use serde_json::{json, Value};
 
@@ -50,22 +50,6 @@ fn import(c: &Containerd) -> Vec<String> {
     chain
 }
 
-fn ok_cli(d: &Daemon, args: &[&str]) -> String {
-    let out = d.cli(args);
-    assert!(
-        out.status.success(),
-        "thinsnap {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn json_cli(d: &Daemon, args: &[&str]) -> Value {
-    serde_json::from_str(&ok_cli(d, args)).unwrap()
-}
-
 /// containerd's key of a thinsnap snapshot name: containerd names its snapshots
 /// `<namespace>/<n>/<key>` in the snapshotter.
 fn key_of<'a>(c: &Containerd, name: &'a str) -> &'a str {
@@ -100,7 +84,7 @@ fn ctr_snapshots(c: &Containerd) -> Vec<Row> {
 /// The same as thinsnap lists them (`thinsnap snapshot list --json`), with containerd's
 /// prefixes taken off; also the thinsnap names by key.
 fn thinsnap_snapshots(c: &Containerd, d: &Daemon) -> (Vec<Row>, HashMap<String, String>) {
-    let list = json_cli(d, &["snapshot", "list", "--json"]);
+    let list = d.cli_json(&["snapshot", "list", "--json"]);
     let mut names = HashMap::new();
     let mut rows: Vec<Row> = list
         .as_array()
@@ -141,7 +125,7 @@ fn assert_snapshots_agree(c: &Containerd, d: &Daemon) -> Vec<Row> {
             "{info}"
         );
         assert_eq!(info["Parent"].as_str().unwrap_or(""), parent, "{info}");
-        let tinfo = json_cli(d, &["snapshot", "info", &names[key], "--json"]);
+        let tinfo = d.cli_json(&["snapshot", "info", &names[key], "--json"]);
         assert_eq!(tinfo["kind"], kind.as_str(), "{tinfo}");
     }
 
@@ -157,7 +141,8 @@ fn assert_snapshots_agree(c: &Containerd, d: &Daemon) -> Vec<Row> {
             (f[0].into(), (f[1].parse().unwrap(), f[2].parse().unwrap()))
         })
         .collect();
-    let ts_usage: HashMap<String, (u64, u64)> = json_cli(d, &["snapshot", "usage", "--json"])
+    let ts_usage: HashMap<String, (u64, u64)> = d
+        .cli_json(&["snapshot", "usage", "--json"])
         .as_array()
         .unwrap()
         .iter()
@@ -185,25 +170,6 @@ fn assert_snapshots_agree(c: &Containerd, d: &Daemon) -> Vec<Row> {
     }
     ctr
 }
-
-/// Thin devices in the daemon's pool (`thinsnap pool status --json`).
-fn thin_devices(d: &Daemon) -> u64 {
-    json_cli(d, &["pool", "status", "--json"])["thin_devices"]
-        .as_u64()
-        .unwrap()
-}
-
-/// Lines of `out` that report a file as present or absent.
-fn presence(out: &str) -> Vec<&str> {
-    out.lines()
-        .filter(|l| l.starts_with("present ") || l.starts_with("absent "))
-        .collect()
-}
-
-const LOOK: &str = "cd /; for f in data/keep.txt data/gone.txt data/changed.txt opq/old.txt \
-    opq/olddir opq/new.txt data/written; do if [ -e $f ]; then echo \"present $f\"; \
-    else echo \"absent $f\"; fi; done; echo \"changed: $(cat data/changed.txt)\"; \
-    echo \"opq: $(ls -A opq | tr '\\n' ' ')\"";
 
 #[test]
 fn loop_containerd_runs_an_image_unpacked_on_thinsnap() {
@@ -271,12 +237,12 @@ fn loop_containerd_runs_an_image_unpacked_on_thinsnap() {
     let top = &names[chain.last().unwrap()];
     let m = d.dir.path().join("inspect");
     std::fs::create_dir_all(&m).unwrap();
-    ok_cli(&d, &["snapshot", "mount", top, m.to_str().unwrap()]);
+    d.cli_ok(&["snapshot", "mount", top, m.to_str().unwrap()]);
     let in_image = (
         m.join("data/keep.txt").exists(),
         m.join("data/written").exists(),
     );
-    ok_cli(&d, &["snapshot", "umount", m.to_str().unwrap()]);
+    d.cli_ok(&["snapshot", "umount", m.to_str().unwrap()]);
     assert_eq!(
         in_image,
         (true, false),
@@ -287,7 +253,7 @@ fn loop_containerd_runs_an_image_unpacked_on_thinsnap() {
 #[test]
 fn loop_containerd_gc_removes_every_snapshot_device() {
     let d = Daemon::start();
-    let before = thin_devices(&d);
+    let before = d.thin_devices();
     let c = Containerd::start(&d);
     import(&c);
     c.run(IMAGE, "once", "echo hello > /hello");
@@ -301,7 +267,7 @@ fn loop_containerd_gc_removes_every_snapshot_device() {
     c.ok(&["tasks", "delete", "kept"]);
     c.ok(&["containers", "delete", "kept"]);
     assert!(
-        thin_devices(&d) > before,
+        d.thin_devices() > before,
         "the image and containers used devices"
     );
 
@@ -309,10 +275,10 @@ fn loop_containerd_gc_removes_every_snapshot_device() {
     // every snapshot through thinsnap's Remove.
     c.ok(&["images", "rm", "--sync", IMAGE]);
     assert_eq!(ctr_snapshots(&c), vec![], "containerd has no snapshot left");
-    let list = json_cli(&d, &["snapshot", "list", "--json"]);
+    let list = d.cli_json(&["snapshot", "list", "--json"]);
     assert_eq!(list, json!([]), "thinsnap has no snapshot left");
     // The base device (the empty filesystem every layer starts from) stays for the next one.
-    assert_eq!(thin_devices(&d), before + 1, "only the base device is left");
+    assert_eq!(d.thin_devices(), before + 1, "only the base device is left");
 }
 
 #[test]

@@ -14,7 +14,7 @@ use common::{
     containerd::Containerd,
     daemon::Daemon,
     dockerd::{self, Dockerd},
-    image::{busybox_layers, chain_ids, digest, docker_archive_with},
+    image::{busybox_layers, chain_ids, digest, docker_archive_with, presence, LOOK},
 };
 use serde_json::{json, Value};
 
@@ -53,22 +53,6 @@ fn load(k: &Dockerd) -> Vec<String> {
     chain_ids(&diff_ids)
 }
 
-fn ok_cli(d: &Daemon, args: &[&str]) -> String {
-    let out = d.cli(args);
-    assert!(
-        out.status.success(),
-        "thinsnap {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn json_cli(d: &Daemon, args: &[&str]) -> Value {
-    serde_json::from_str(&ok_cli(d, args)).unwrap()
-}
-
 fn json_docker(k: &Dockerd, args: &[&str]) -> Value {
     serde_json::from_str(&k.ok(args)).unwrap()
 }
@@ -92,7 +76,7 @@ fn key(name: &str) -> &str {
 
 /// Every snapshot thinsnap has (`thinsnap snapshot list --json`).
 fn snapshots(d: &Daemon) -> Vec<Snap> {
-    json_cli(d, &["snapshot", "list", "--json"])
+    d.cli_json(&["snapshot", "list", "--json"])
         .as_array()
         .unwrap()
         .iter()
@@ -125,13 +109,6 @@ fn ancestors(snaps: &[Snap], k: &str) -> Vec<String> {
     out
 }
 
-/// Thin devices in the daemon's pool (`thinsnap pool status --json`).
-fn thin_devices(d: &Daemon) -> u64 {
-    json_cli(d, &["pool", "status", "--json"])["thin_devices"]
-        .as_u64()
-        .unwrap()
-}
-
 /// The filesystem type and source of the mount at `mountpoint` in a `/proc/self/mountinfo`.
 fn mount_of(mountinfo: &str, mountpoint: &str) -> (String, String) {
     let line = mountinfo
@@ -155,18 +132,6 @@ fn dm_name(dev: &str) -> String {
         .trim()
         .to_string()
 }
-
-/// Lines of `out` that report a file as present or absent.
-fn presence(out: &str) -> Vec<&str> {
-    out.lines()
-        .filter(|l| l.starts_with("present ") || l.starts_with("absent "))
-        .collect()
-}
-
-const LOOK: &str = "cd /; for f in data/keep.txt data/gone.txt data/changed.txt opq/old.txt \
-    opq/olddir opq/new.txt data/written; do if [ -e $f ]; then echo \"present $f\"; \
-    else echo \"absent $f\"; fi; done; echo \"changed: $(cat data/changed.txt)\"; \
-    echo \"opq: $(ls -A opq | tr '\\n' ' ')\"";
 
 /// Polls `f` every 200 ms for up to 60 s until it is true.
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
@@ -213,7 +178,7 @@ fn loop_dockerd_with_a_snapshotter_containerd_lacks_fails_at_run() {
 #[test]
 fn loop_dockerd_loads_and_runs_an_image_on_thin_snapshots() {
     let (d, _c, k) = start();
-    let before = thin_devices(&d);
+    let before = d.thin_devices();
     let chain = load(&k);
 
     // One committed snapshot per layer, named by its chain id, each on the one below, each
@@ -235,7 +200,7 @@ fn loop_dockerd_loads_and_runs_an_image_on_thin_snapshots() {
         assert_eq!(*parent, want_parent, "{snaps:#?}");
     }
     assert_eq!(
-        thin_devices(&d),
+        d.thin_devices(),
         before + 3 + 1,
         "a thin device per layer, and the base device (the empty filesystem the first \
          layer starts from, made at the first Prepare)"
@@ -280,7 +245,7 @@ fn loop_dockerd_loads_and_runs_an_image_on_thin_snapshots() {
     assert_eq!(snapshot(&snaps, &format!("{id}-init")).kind, "committed");
     let mountinfo = k.ok(&["exec", &id, "cat", "/proc/self/mountinfo"]);
     let (fs, source) = mount_of(&mountinfo, "/");
-    let info = json_cli(&d, &["snapshot", "info", &rw.name, "--json"]);
+    let info = d.cli_json(&["snapshot", "info", &rw.name, "--json"]);
     assert_eq!(fs, "ext4", "{mountinfo}");
     assert_eq!(source, info["mounts"][0]["source"], "{info:#}\n{mountinfo}");
     assert!(
@@ -302,7 +267,7 @@ fn loop_dockerd_commit_makes_a_thin_layer_new_containers_see() {
         "-c",
         "echo committed > /data/written; rm /data/keep.txt",
     ]);
-    let before = thin_devices(&d);
+    let before = d.thin_devices();
     k.ok(&["commit", "c1", COMMITTED]);
 
     // The new image is the old one's layers plus one; that layer is a committed thin
@@ -333,11 +298,11 @@ fn loop_dockerd_commit_makes_a_thin_layer_new_containers_see() {
     // containerd's garbage collector, which may run just after the commit returns: one
     // run in several saw one device more right after it.
     let start = std::time::Instant::now();
-    while thin_devices(&d) != before + 1 {
+    while d.thin_devices() != before + 1 {
         assert!(
             start.elapsed().as_secs() < 60,
             "one thin device for the new layer: {} devices, was {before}: {:#?}",
-            thin_devices(&d),
+            d.thin_devices(),
             snapshots(&d)
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
@@ -346,12 +311,12 @@ fn loop_dockerd_commit_makes_a_thin_layer_new_containers_see() {
     // The layer's own device holds the container's changes.
     let m = d.dir.path().join("inspect");
     std::fs::create_dir_all(&m).unwrap();
-    ok_cli(&d, &["snapshot", "mount", &top.name, m.to_str().unwrap()]);
+    d.cli_ok(&["snapshot", "mount", &top.name, m.to_str().unwrap()]);
     let on_device = (
         std::fs::read_to_string(m.join("data/written")).ok(),
         m.join("data/keep.txt").exists(),
     );
-    ok_cli(&d, &["snapshot", "umount", m.to_str().unwrap()]);
+    d.cli_ok(&["snapshot", "umount", m.to_str().unwrap()]);
     assert_eq!(on_device, (Some("committed\n".to_string()), false));
 
     // A new container of the new image sees them.
@@ -374,13 +339,13 @@ fn loop_dockerd_commit_makes_a_thin_layer_new_containers_see() {
 #[test]
 fn loop_dockerd_rm_and_rmi_leave_only_the_base_device() {
     let (d, _c, k) = start();
-    assert_eq!(thin_devices(&d), 0, "a fresh pool");
+    assert_eq!(d.thin_devices(), 0, "a fresh pool");
     load(&k);
     k.run(&["--detach", "--name", "long", IMAGE, "sleep", "600"]);
     k.run(&["--name", "c1", IMAGE, "sh", "-c", "echo x > /x"]);
     k.ok(&["commit", "c1", COMMITTED]);
     // The base, 3 layers, 2 containers with their -init snapshots, the committed layer.
-    assert_eq!(thin_devices(&d), 1 + 3 + 2 * 2 + 1, "{:#?}", snapshots(&d));
+    assert_eq!(d.thin_devices(), 1 + 3 + 2 * 2 + 1, "{:#?}", snapshots(&d));
 
     k.ok(&["rm", "--force", "long", "c1"]);
     k.ok(&["rmi", COMMITTED, IMAGE]);
@@ -390,14 +355,14 @@ fn loop_dockerd_rm_and_rmi_leave_only_the_base_device() {
     // (dockerd's image delete asks for it synchronously; allow for a late one).
     eventually("every snapshot removed", || snapshots(&d).is_empty());
     // The base device (the empty filesystem every layer starts from) stays for the next.
-    assert_eq!(thin_devices(&d), 1, "only the base device is left");
+    assert_eq!(d.thin_devices(), 1, "only the base device is left");
 }
 
 #[test]
 fn loop_dockerd_volume_plugin_keeps_data_across_containers() {
     let (d, _c, k) = start();
     load(&k);
-    let before = thin_devices(&d);
+    let before = d.thin_devices();
     k.ok(&[
         "volume", "create", "--driver", "thinsnap", "--opt", "size=2G", "tsvol",
     ]);
@@ -408,7 +373,7 @@ fn loop_dockerd_volume_plugin_keeps_data_across_containers() {
     assert_eq!(v["Driver"], "thinsnap", "{v:#}");
     assert_eq!(v["Status"]["size_bytes"], 2u64 << 30, "{v:#}");
     let device = v["Status"]["device"].as_str().unwrap().to_string();
-    assert_eq!(thin_devices(&d), before + 1, "a thin device for the volume");
+    assert_eq!(d.thin_devices(), before + 1, "a thin device for the volume");
 
     // A container writes on the volume's own thin device, mounted while it runs.
     k.run(&[
@@ -457,7 +422,7 @@ fn loop_dockerd_volume_plugin_keeps_data_across_containers() {
     // Removing it deletes its thin device.
     k.ok(&["volume", "rm", "tsvol"]);
     assert_eq!(k.ok(&["volume", "ls", "--quiet"]), "");
-    assert_eq!(thin_devices(&d), before, "the volume's device is deleted");
+    assert_eq!(d.thin_devices(), before, "the volume's device is deleted");
     assert!(
         !common::dm_devices_of(&d.pool).contains(&device),
         "{device} is still active"

@@ -107,6 +107,35 @@ impl Daemon {
         self.cli_env(args, &[])
     }
 
+    /// Runs the thinsnap CLI and returns its standard output; panics with its output when
+    /// it fails.
+    #[allow(dead_code)]
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "thinsnap {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs the thinsnap CLI (a `--json` command) and parses its output.
+    #[allow(dead_code)]
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.cli_ok(args)).unwrap()
+    }
+
+    /// Thin devices in the daemon's pool (`thinsnap pool status --json`).
+    #[allow(dead_code)]
+    pub fn thin_devices(&self) -> u64 {
+        self.cli_json(&["pool", "status", "--json"])["thin_devices"]
+            .as_u64()
+            .unwrap()
+    }
+
     /// Runs the thinsnap CLI with this daemon's configuration and extra environment
     /// (e.g. THINSNAP_FAILPOINT).
     pub fn cli_env(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {

@@ -317,3 +317,19 @@ pub fn busybox_layers(applets: &[&str]) -> [Vec<u8>; 3] {
         .finish();
     [l1, l2, l3]
 }
+
+/// A shell script listing what a container sees of [`busybox_layers`]' files (and
+/// `data/written`): a `present F` or `absent F` line each, `changed: ...` and `opq: ...`.
+#[allow(dead_code)]
+pub const LOOK: &str = "cd /; for f in data/keep.txt data/gone.txt data/changed.txt opq/old.txt \
+    opq/olddir opq/new.txt data/written; do if [ -e $f ]; then echo \"present $f\"; \
+    else echo \"absent $f\"; fi; done; echo \"changed: $(cat data/changed.txt)\"; \
+    echo \"opq: $(ls -A opq | tr '\\n' ' ')\"";
+
+/// Lines of `out` (of [`LOOK`]) that report a file as present or absent.
+#[allow(dead_code)]
+pub fn presence(out: &str) -> Vec<&str> {
+    out.lines()
+        .filter(|l| l.starts_with("present ") || l.starts_with("absent "))
+        .collect()
+}
