@@ -1,4 +1,5 @@
-//! Generates containerd's Snapshots API (server and client) from `proto/`.
+//! Generates containerd's Snapshots API and thinsnap's admin API (server and client), and
+//! a client of Kubernetes' CRI (for the CRI end-to-end test), from `proto/`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
@@ -12,5 +13,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ],
             &["proto", "/usr/include"],
         )?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(true)
+        .compile_protos(&["proto/k8s.io/cri-api/runtime/v1/api.proto"], &["proto"])?;
     Ok(())
 }

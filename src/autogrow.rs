@@ -11,11 +11,9 @@ use std::sync::Arc;
 use thinpool::{units, PoolMode, PoolStatus};
 use tracing::{info, info_span, warn};
 
-use crate::{
-    config::Autogrow,
-    metrics::{Grown, Metrics},
-    snapshotter::Snapshotter,
-};
+use thinsnap_core::{config::Autogrow, Engine};
+
+use crate::metrics::{Grown, Metrics};
 
 /// What one check did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -29,12 +27,12 @@ pub struct Check {
 }
 
 /// Starts the watcher thread when `[pool.autogrow] enabled`; returns whether it runs.
-pub fn spawn(snap: Arc<Snapshotter>, metrics: Arc<Metrics>) -> bool {
+pub fn spawn(snap: Arc<Engine>, metrics: Arc<Metrics>) -> bool {
     let cfg = snap.config().autogrow.clone();
     if !cfg.enabled {
         return false;
     }
-    if let Some(lvm) = snap.pool().lvm() {
+    if let Some(lvm) = snap.pool_lvm() {
         match lvm.metadata_profile() {
             Ok(Some(p)) if p == thinpool::lvm::PROFILE => {
                 info!(
@@ -59,7 +57,7 @@ pub fn spawn(snap: Arc<Snapshotter>, metrics: Arc<Metrics>) -> bool {
     true
 }
 
-fn run(snap: &Snapshotter, metrics: &Metrics, cfg: &Autogrow) {
+fn run(snap: &Engine, metrics: &Metrics, cfg: &Autogrow) {
     let _span = info_span!("autogrow", pool = %snap.config().pool_name).entered();
     info!(
         threshold = format!("{:.0}%", cfg.threshold * 100.0),
@@ -132,18 +130,17 @@ fn target(free: f64, cur: u64, step: u64, max: u64, threshold: f64) -> (Option<u
 /// # Errors
 /// When the pool's status cannot be read or the grow fails.
 pub fn check(
-    snap: &Snapshotter,
+    snap: &Engine,
     metrics: &Metrics,
     cfg: &Autogrow,
     set_lwm: bool,
 ) -> anyhow::Result<Check> {
-    let pool = snap.pool();
-    let st: PoolStatus = pool.status()?;
+    let st: PoolStatus = snap.pool_status(true)?;
     if matches!(st.mode, PoolMode::ReadOnly | PoolMode::Failed) || st.needs_check {
         // Growing cannot help; `thinsnap pool status` and the requests' errors say why.
         return Ok(Check::default());
     }
-    let data_total = pool.data_bytes()?;
+    let data_total = snap.pool_data_bytes()?;
     let (data, data_max) = target(
         1.0 - st.data_fraction(),
         data_total,
@@ -159,8 +156,8 @@ pub fn check(
         cfg.threshold,
     );
     if data.is_some() || metadata.is_some() {
-        pool.grow(data.unwrap_or(data_total), metadata)?;
-        let after = pool.status()?;
+        snap.grow_pool(data.unwrap_or(data_total), metadata)?;
+        let after = snap.pool_status(true)?;
         if data.is_some() {
             metrics.grew(Grown::Data);
         }
@@ -176,9 +173,9 @@ pub fn check(
         );
     }
     if set_lwm || data.is_some() {
-        let blocks = (pool.data_bytes()? as f64 * cfg.threshold) as u64
+        let blocks = (snap.pool_data_bytes()? as f64 * cfg.threshold) as u64
             / units::sectors_to_bytes(st.block_size).max(1);
-        pool.set_low_water_mark(thinpool::DataBlocks(blocks))?;
+        snap.set_low_water_mark(thinpool::DataBlocks(blocks))?;
     }
     Ok(Check {
         data,

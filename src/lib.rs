@@ -11,10 +11,11 @@
 pub mod autogrow;
 pub mod bench;
 pub mod cli;
-pub mod config;
+pub mod daemon;
 pub mod image;
 pub mod metrics;
 pub mod migrate;
 pub mod service;
-pub mod snapshotter;
-pub mod store;
+
+#[cfg(test)]
+mod coverage;

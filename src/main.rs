@@ -13,6 +13,9 @@ fn main() -> std::process::ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
+    // Private by default: whatever thinsnap creates (pool files, the store, sockets before
+    // their mode is set, exported images, backups) is root's alone unless it says otherwise.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     cli::init_logging(cli.log_filter());
     match cli::run(cli) {
         Ok(code) => code,

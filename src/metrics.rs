@@ -12,7 +12,7 @@ use std::{
     },
 };
 
-use crate::{snapshotter::Snapshotter, store::Kind};
+use thinsnap_core::{Engine, ErrorKind};
 
 /// Upper bounds of the latency histogram buckets, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -34,6 +34,24 @@ pub struct Metrics {
     grows_data: AtomicU64,
     grows_metadata: AtomicU64,
     grow_failures: AtomicU64,
+    in_flight: AtomicU64,
+    idle: tokio::sync::Notify,
+    /// The last rendered text, and when.
+    rendered: Mutex<Option<(std::time::Instant, String)>>,
+}
+
+/// How long a rendered text is served again.
+const RENDER_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A request in flight, counted until dropped.
+pub struct InFlight<'a>(&'a Metrics);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// What a pool grow changed.
@@ -46,10 +64,31 @@ pub enum Grown {
 }
 
 impl Metrics {
-    /// Counts a finished request of `method` with gRPC `code` that took `seconds`.
-    pub fn observe(&self, method: &'static str, code: tonic::Code, seconds: f64) {
+    /// Counts a request in flight until the guard is dropped.
+    pub fn begin(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self)
+    }
+
+    /// Waits until no request is in flight, or until `deadline`.
+    pub async fn idle_until(&self, deadline: tokio::time::Instant) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.in_flight.load(Ordering::Acquire) == 0
+                || tokio::time::timeout_at(deadline, idle).await.is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Counts a finished request of `method` that took `seconds` and succeeded (`None`) or
+    /// failed with an error of `kind`.
+    pub fn observe(&self, method: &'static str, kind: Option<ErrorKind>, seconds: f64) {
         *lock(&self.requests)
-            .entry((method, code_name(code)))
+            .entry((method, code_name(kind)))
             .or_default() += 1;
         let mut latency = lock(&self.latency);
         let h = latency.entry(method).or_default();
@@ -84,14 +123,28 @@ impl Metrics {
         )
     }
 
-    /// The Prometheus text exposition of everything, reading the pool's status and the
-    /// store's snapshots now. Pool or store figures that cannot be read are left out and
+    /// [`Metrics::render`], at most once per second: scrapers and `thinsnap status` get the
+    /// same text within that second (one scrape at a time renders).
+    pub fn render_cached(&self, snap: &Engine) -> String {
+        let mut cache = lock(&self.rendered);
+        if let Some((at, text)) = &*cache {
+            if at.elapsed() < RENDER_TTL {
+                return text.clone();
+            }
+        }
+        let text = self.render(snap);
+        *cache = Some((std::time::Instant::now(), text.clone()));
+        text
+    }
+
+    /// The Prometheus text exposition of everything, reading the pool's status (without a
+    /// metadata commit) and the store's snapshots now. Pool or store figures that cannot be read are left out and
     /// `thinsnap_pool_up` is 0.
-    pub fn render(&self, snap: &Snapshotter) -> String {
+    pub fn render(&self, snap: &Engine) -> String {
         let mut out = String::new();
         let pool = snap.config().pool_name.to_string();
         let l = format!("pool=\"{pool}\"");
-        match snap.pool().status() {
+        match snap.pool_status(false) {
             Ok(st) => {
                 gauge(
                     &mut out,
@@ -144,44 +197,34 @@ impl Metrics {
                 &[(&l, 0.0)],
             ),
         }
-        if let Ok(records) = snap.records() {
-            let mut kinds: BTreeMap<&str, u64> =
-                [("active", 0), ("committed", 0), ("view", 0)].into();
-            for r in &records {
-                let k = match r.kind {
-                    Kind::Active => "active",
-                    Kind::Committed => "committed",
-                    Kind::View => "view",
-                };
-                *kinds.entry(k).or_default() += 1;
-            }
-            let samples: Vec<(String, f64)> = kinds
-                .iter()
-                .map(|(k, n)| (format!("{l},kind=\"{k}\""), *n as f64))
-                .collect();
+        if let Ok(c) = snap.counts() {
+            let samples: Vec<(String, f64)> = [
+                ("active", c.active),
+                ("committed", c.committed),
+                ("view", c.views),
+            ]
+            .iter()
+            .map(|(k, n)| (format!("{l},kind=\"{k}\""), *n as f64))
+            .collect();
             let refs: Vec<(&String, f64)> = samples.iter().map(|(a, b)| (a, *b)).collect();
             gauge(&mut out, "thinsnap_snapshots", "Snapshots by kind.", &refs);
-            let bases = snap
-                .store()
-                .read()
-                .and_then(|r| r.bases())
-                .map_or(0, |b| b.len());
-            let volumes = snap
-                .store()
-                .read()
-                .and_then(|r| r.volumes())
-                .map_or(0, |v| v.len());
             gauge(
                 &mut out,
                 "thinsnap_volumes",
                 "Docker volumes (each a thin device of its own).",
-                &[(&l, volumes as f64)],
+                &[(&l, c.volumes as f64)],
+            );
+            gauge(
+                &mut out,
+                "thinsnap_reclaim_pending",
+                "Removed snapshots' devices waiting to be reclaimed (discarded and deleted) in the background.",
+                &[(&l, c.reclaiming as f64)],
             );
             gauge(
                 &mut out,
                 "thinsnap_thin_devices",
                 "Thin devices thinsnap keeps in the pool (snapshots, volumes and base devices).",
-                &[(&l, (records.len() + volumes + bases) as f64)],
+                &[(&l, c.thin_devices() as f64)],
             );
         }
         let (data, meta) = self.grows();
@@ -263,27 +306,17 @@ fn counter_head(out: &mut String, name: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
 }
 
-/// The name containerd and grpc-go use for `code`, e.g. `NotFound`.
-fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "Canceled",
-        Unknown => "Unknown",
-        InvalidArgument => "InvalidArgument",
-        DeadlineExceeded => "DeadlineExceeded",
-        NotFound => "NotFound",
-        AlreadyExists => "AlreadyExists",
-        PermissionDenied => "PermissionDenied",
-        ResourceExhausted => "ResourceExhausted",
-        FailedPrecondition => "FailedPrecondition",
-        Aborted => "Aborted",
-        OutOfRange => "OutOfRange",
-        Unimplemented => "Unimplemented",
-        Internal => "Internal",
-        Unavailable => "Unavailable",
-        DataLoss => "DataLoss",
-        Unauthenticated => "Unauthenticated",
+/// The name containerd and grpc-go use for the code of an outcome, e.g. `NotFound`.
+fn code_name(kind: Option<ErrorKind>) -> &'static str {
+    match kind {
+        None => "OK",
+        Some(ErrorKind::NotFound) => "NotFound",
+        Some(ErrorKind::AlreadyExists) => "AlreadyExists",
+        Some(ErrorKind::FailedPrecondition) => "FailedPrecondition",
+        Some(ErrorKind::InvalidArgument) => "InvalidArgument",
+        Some(ErrorKind::ResourceExhausted) => "ResourceExhausted",
+        Some(ErrorKind::Unavailable) => "Unavailable",
+        Some(ErrorKind::Internal) => "Internal",
     }
 }
 
@@ -306,8 +339,8 @@ mod tests {
     #[test]
     fn histogram_buckets_are_cumulative_and_parse_back() {
         let m = Metrics::default();
-        m.observe("prepare", tonic::Code::Ok, 0.02);
-        m.observe("prepare", tonic::Code::NotFound, 3.0);
+        m.observe("prepare", None, 0.02);
+        m.observe("prepare", Some(ErrorKind::NotFound), 3.0);
         m.grew(Grown::Data);
         let mut out = String::new();
         for (method, h) in lock(&m.latency).iter() {

@@ -147,7 +147,7 @@ fn loop_gc_collects_pending_removals_and_reports_them() {
 
     let dry = ok(d.cli(&["gc", "--dry-run"]));
     assert!(
-        dry.contains("would: finish interrupted removal of snapshot \"a\""),
+        dry.contains("would: reclaim the device of removed snapshot \"a\""),
         "{dry}"
     );
     let again = ok(d.cli(&["gc", "--dry-run", "--json"]));

@@ -572,7 +572,7 @@ async fn loop_import_export_and_reuse() {
         out.contains(&format!("top snapshot: {}", chains[3])),
         "{out}"
     );
-    assert_eq!(private_mounts(), Vec::<String>::new());
+    assert_eq!(private_mounts(d.dir.path()), Vec::<String>::new());
     let mut c = d.client().await;
     for (i, chain) in chains.iter().enumerate() {
         let info = c.stat(chain).await.unwrap();
@@ -610,7 +610,7 @@ async fn loop_import_export_and_reuse() {
     );
     std::fs::remove_file(&exported).unwrap();
     assert_eq!(names(&d).await.len(), 4, "the export's view is gone");
-    assert_eq!(private_mounts(), Vec::<String>::new());
+    assert_eq!(private_mounts(d.dir.path()), Vec::<String>::new());
 
     // A second import reuses every layer.
     let out = import(&d, &oci, &["--ref", "again:2"]);
@@ -674,7 +674,7 @@ async fn loop_import_export_and_reuse() {
     let t = tree_of_snapshot(&d, &nchains[1]).await;
     assert_eq!(t.nodes["new-docker"], file(b"25", 0o644, (0, 0)));
     assert_eq!(names(&d).await.len(), 6);
-    assert_eq!(private_mounts(), Vec::<String>::new());
+    assert_eq!(private_mounts(d.dir.path()), Vec::<String>::new());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -732,7 +732,7 @@ async fn loop_bad_archives_are_refused_and_leave_nothing() {
             devices,
             "{name}: no device left"
         );
-        assert_eq!(private_mounts(), Vec::<String>::new(), "{name}");
+        assert_eq!(private_mounts(d.dir.path()), Vec::<String>::new(), "{name}");
     }
     assert!(!Path::new("/thinsnap-abs").exists());
 
@@ -854,5 +854,5 @@ async fn loop_bad_archives_are_refused_and_leave_nothing() {
     expected.push(chains[1].clone());
     expected.sort();
     assert_eq!(names(&d).await, expected);
-    assert_eq!(private_mounts(), Vec::<String>::new());
+    assert_eq!(private_mounts(d.dir.path()), Vec::<String>::new());
 }

@@ -1,5 +1,6 @@
 //! The Debian package (`packaging/build-deb`): its file list, conffile, dependencies, the
-//! systemd unit's ordering, and that the packaged binary accepts the packaged
+//! systemd units (socket activation, readiness, ordering, and nothing that can stop
+//! containerd), and that the packaged binary accepts the packaged
 //! configuration. Runs on the host (it needs dpkg-deb, not device-mapper): `vagrant/test`
 //! builds the package and runs this with `THINSNAP_DEB` naming it.
 
@@ -51,6 +52,7 @@ fn deb_holds_binary_unit_config_man_pages_and_completions() {
     for f in [
         "/etc/thinsnap/config.toml",
         "/usr/lib/systemd/system/thinsnap.service",
+        "/usr/lib/systemd/system/thinsnap.socket",
         "/usr/share/bash-completion/completions/thinsnap",
         "/usr/share/zsh/vendor-completions/_thinsnap",
         "/usr/share/fish/vendor_completions.d/thinsnap.fish",
@@ -85,6 +87,7 @@ fn deb_holds_binary_unit_config_man_pages_and_completions() {
             || f.starts_with("/usr/share/fish/")
             || f == "/etc/thinsnap/config.toml"
             || f == "/usr/lib/systemd/system/thinsnap.service"
+            || f == "/usr/lib/systemd/system/thinsnap.socket"
     };
     let unknown: Vec<&str> = files
         .iter()
@@ -103,31 +106,68 @@ fn deb_holds_binary_unit_config_man_pages_and_completions() {
         "/etc/thinsnap/config.toml"
     );
     let postinst = dpkg_deb(&["-I", deb, "postinst"]);
-    assert!(
-        postinst.contains("deb-systemd-helper") && postinst.contains("thinsnap.service"),
-        "{postinst}"
-    );
+    for unit in ["thinsnap.service", "thinsnap.socket"] {
+        assert!(
+            postinst.contains("deb-systemd-helper") && postinst.contains(unit),
+            "{unit} is not enabled: {postinst}"
+        );
+    }
 
     // The unit and the configuration, as installed.
     let root = tempfile::tempdir().unwrap();
     dpkg_deb(&["-x", deb, root.path().to_str().unwrap()]);
     let unit = std::fs::read_to_string(root.path().join("usr/lib/systemd/system/thinsnap.service"))
         .unwrap();
+    let has = |text: &str, line: &str| text.lines().any(|l| l.trim() == line);
     for line in [
         "ExecStart=/usr/bin/thinsnap serve",
-        "After=local-fs.target",
+        "Type=notify",
+        "UMask=0077",
+        "Requires=thinsnap.socket",
         "Before=containerd.service",
+        "WantedBy=multi-user.target containerd.service",
     ] {
-        assert!(
-            unit.lines().any(|l| l.starts_with(line)),
-            "{line} not in the unit:\n{unit}"
-        );
+        assert!(has(&unit, line), "{line} not in the unit:\n{unit}");
     }
+    // No unit thinsnap ships can stop containerd: containerd wants thinsnap, nothing of
+    // thinsnap's requires or binds containerd, or is required by it.
+    let socket =
+        std::fs::read_to_string(root.path().join("usr/lib/systemd/system/thinsnap.socket"))
+            .unwrap();
+    for (name, text) in [("thinsnap.service", &unit), ("thinsnap.socket", &socket)] {
+        for l in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
+            let (key, value) = l.split_once('=').unwrap_or((l, ""));
+            let strong = matches!(
+                key.trim(),
+                "RequiredBy"
+                    | "Requires"
+                    | "BindsTo"
+                    | "PartOf"
+                    | "Requisite"
+                    | "UpheldBy"
+                    | "Upholds"
+            );
+            assert!(
+                !(strong && value.contains("containerd")),
+                "{name} ties containerd to thinsnap: {l}"
+            );
+        }
+    }
+    assert!(
+        has(&socket, "ListenStream=/run/thinsnap/thinsnap.sock")
+            && has(&socket, "SocketMode=0660")
+            && has(&socket, "WantedBy=sockets.target"),
+        "thinsnap.socket:\n{socket}"
+    );
     let config = root.path().join("etc/thinsnap/config.toml");
     let text = std::fs::read_to_string(&config).unwrap();
     assert!(
         text.lines().filter(|l| l.starts_with('#')).count() > 30,
         "commented"
+    );
+    assert!(
+        has(&text, "socket = \"/run/thinsnap/thinsnap.sock\""),
+        "the configuration's socket is the one thinsnap.socket listens on"
     );
     let out = Command::new(root.path().join("usr/bin/thinsnap"))
         .arg("--config")

@@ -124,7 +124,7 @@ fn loop_out_of_data_space_is_a_clear_error_and_growing_recovers() {
     assert_eq!(st.data_used, st.data_total);
     let err = pool.check_writable().unwrap_err();
     assert!(matches!(err, Error::NoSpace { .. }), "{err}");
-    assert!(err.to_string().contains("thinsnap pool grow"), "{err}");
+    assert!(err.to_string().contains("grow the pool"), "{err}");
 
     pool.grow(256 * MIB, None).unwrap();
     assert_eq!(pool.check_writable().unwrap().mode, PoolMode::ReadWrite);

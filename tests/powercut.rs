@@ -85,7 +85,7 @@ async fn powercut_phase1_write_until_killed() {
     std::fs::create_dir_all(DIR).unwrap();
     std::fs::write(
         config(),
-        format!("state_dir = \"{DIR}/state\"\nsocket = \"{DIR}/thinsnap.sock\"\ndefault_size = \"1G\"\n[pool]\nname = \"powercut\"\n[pool.loopback]\ndata_size = \"4G\"\nmetadata_size = \"64M\"\n"),
+        format!("state_dir = \"{DIR}/state\"\nsocket = \"{DIR}/thinsnap.sock\"\nruntime_dir = \"{DIR}/run\"\ndefault_size = \"1G\"\n[pool]\nname = \"powercut\"\n[pool.loopback]\ndata_size = \"4G\"\nmetadata_size = \"64M\"\n"),
     )
     .unwrap();
     let _daemon = serve();
@@ -112,16 +112,22 @@ async fn powercut_phase1_write_until_killed() {
     let m = c.prepare("container", &parent).await.unwrap();
     let mnt = Mounted::new(&work, "container", &m);
     println!("POWERCUT-READY");
-    // Write and churn until the power goes.
+    // Write and churn until the power goes: every request succeeds until then (the cut
+    // stops this process with the machine, so an error here is a failure of its own).
     let mut i = 0u64;
     loop {
         common::write_pattern(&mnt.path.join(format!("w{}", i % 16)), 4 << 20, i);
         let k = format!("churn{i}");
-        if c.prepare(&k, &parent).await.is_ok() {
-            let _ = c.commit(&format!("{k}-c"), &k).await;
-            if i % 2 == 0 {
-                let _ = c.remove(&format!("{k}-c")).await;
-            }
+        c.prepare(&k, &parent)
+            .await
+            .unwrap_or_else(|e| panic!("churn prepare {k}: {e}"));
+        c.commit(&format!("{k}-c"), &k)
+            .await
+            .unwrap_or_else(|e| panic!("churn commit {k}: {e}"));
+        if i % 2 == 0 {
+            c.remove(&format!("{k}-c"))
+                .await
+                .unwrap_or_else(|e| panic!("churn remove {k}-c: {e}"));
         }
         i += 1;
         if i > 100_000 {

@@ -360,6 +360,80 @@ async fn loop_64_concurrent_clients() {
     d.spawn();
 }
 
+/// `thinsnap gc` in a loop while 16 clients prepare, commit, view and remove shared keys:
+/// gc never takes an operation in flight (a Removing record a Remove is still working on),
+/// no request fails unexpectedly, and the store and pool agree afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn loop_gc_in_a_loop_under_16_clients() {
+    let mut d = Daemon::start();
+    let mut c = d.client().await;
+    c.prepare("root-a", "").await.unwrap();
+    c.commit("root", "root-a").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut tasks = Vec::new();
+    for client in 0..16u64 {
+        let mut c = d.client().await;
+        tasks.push(tokio::spawn(async move {
+            let mut unexpected = Vec::new();
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                let k = format!("c{client}-{}", i % 4);
+                let n = format!("{k}-done");
+                let steps: [Result<(), tonic::Status>; 4] = [
+                    c.prepare(&k, "root").await.map(|_| ()),
+                    c.commit(&n, &k).await,
+                    c.view(&format!("{k}-view"), &n).await.map(|_| ()),
+                    c.remove(&format!("{k}-view")).await,
+                ];
+                let last = c.remove(&n).await;
+                for r in steps.into_iter().chain([last]) {
+                    if let Err(e) = r {
+                        unexpected.push(format!("{:?}: {}", e.code(), e.message()));
+                    }
+                }
+                i += 1;
+            }
+            unexpected
+        }));
+    }
+    let config = d.config.clone();
+    let gc = tokio::task::spawn_blocking(move || {
+        let mut problems = Vec::new();
+        let mut runs = 0;
+        while Instant::now() < deadline {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_thinsnap"))
+                .arg("--config")
+                .arg(&config)
+                .args(["gc", "--json"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            if !out.status.success() {
+                problems.push(format!("{text}{}", String::from_utf8_lossy(&out.stderr)));
+            }
+            runs += 1;
+        }
+        (runs, problems)
+    });
+    let mut unexpected = Vec::new();
+    for t in tasks {
+        unexpected.extend(t.await.unwrap());
+    }
+    let (runs, problems) = gc.await.unwrap();
+    assert!(unexpected.is_empty(), "unexpected errors: {unexpected:?}");
+    assert!(problems.is_empty(), "gc reported problems: {problems:?}");
+    assert!(runs > 1, "gc ran {runs} time(s)");
+    assert_eq!(
+        c.list(&[]).await.unwrap().len(),
+        1,
+        "only the root layer is left"
+    );
+    assert!(d.stop().unwrap().success());
+    let check = ok(d.cli(&["check"]));
+    assert!(check.contains("store and pool agree"), "{check}");
+    d.spawn();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn loop_malformed_requests_get_exact_codes_and_change_nothing() {
     let d = Daemon::start();
@@ -548,4 +622,70 @@ async fn loop_malformed_requests_get_exact_codes_and_change_nothing() {
     let mut after = c.list(&[]).await.unwrap();
     after.sort_by(|a, b| a.name.cmp(&b.name));
     assert_eq!(before, after, "malformed requests changed nothing");
+}
+
+/// The state directory's filesystem fills up: requests fail with an error that names the
+/// metadata store, and once space is freed the daemon works again without a restart (redb
+/// refuses everything after an I/O error until it is opened again; the store does that).
+#[tokio::test(flavor = "multi_thread")]
+async fn loop_a_full_state_directory_is_survived_without_a_restart() {
+    common::require_dm();
+    let dir = common::scratch_dir();
+    let pool = common::unique_pool_name();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &state,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=3m,mode=0700"),
+    )
+    .unwrap();
+    let d = dir.path().display();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        format!(
+            "state_dir = \"{d}/state\"\nsocket = \"{d}/thinsnap.sock\"\nruntime_dir = \"{d}/run\"\ndefault_size = \"1G\"\n[pool]\nname = \"{pool}\"\n[pool.loopback]\ndir = \"{d}/pool\"\ndata_size = \"4G\"\nmetadata_size = \"64M\"\n"
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_in(dir, pool);
+    let mut c = d.client().await;
+    c.prepare("first", "").await.unwrap();
+    // Fill the state directory's filesystem.
+    let filler = state.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0xa5u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let big: Labels = (0..8)
+        .map(|i| (format!("containerd.io/snapshot/fill{i}"), "x".repeat(3000)))
+        .collect();
+    let mut failure = None;
+    for i in 0..200 {
+        match c.prepare_with(&format!("k{i}"), "", big.clone()).await {
+            Ok(_) => {}
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let e = failure.expect("a request fails while the state directory is full");
+    assert!(e.message().contains("metadata store"), "{e:?}");
+    std::fs::remove_file(&filler).unwrap();
+    // Space again: the next requests work, without a restart.
+    c.prepare_with("after", "", big.clone()).await.unwrap();
+    c.commit("after-c", "after").await.unwrap();
+    c.remove("after-c").await.unwrap();
+    let log = std::fs::read_to_string(d.log()).unwrap();
+    assert!(log.contains("opened again after an I/O error"), "{log}");
+    // What the failed request left half done is the next start's to roll back.
+    let mut d = d;
+    assert!(d.stop().unwrap().success());
+    d.spawn();
 }

@@ -246,7 +246,14 @@ async fn loop_usage_counts_bytes_and_inodes() {
         std::fs::write(mnt.path.join(format!("f{i}")), vec![7u8; 1 << 20]).unwrap();
     }
     nix::unistd::sync();
-    let active = c.usage("a").await.unwrap();
+    // Usage answers from a reading of the pool's metadata at most a second (plus the
+    // reading) old: the writes show within seconds.
+    let mut active = c.usage("a").await.unwrap();
+    let start = std::time::Instant::now();
+    while active.size < empty.size + 20 * (1 << 20) && start.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        active = c.usage("a").await.unwrap();
+    }
     assert!(
         active.size >= empty.size + 20 * (1 << 20),
         "{empty:?} -> {active:?}"
@@ -409,4 +416,114 @@ async fn loop_xfs_snapshots_mount_with_nouuid() {
     let y = Mounted::new(d.dir.path(), "c", &m2);
     assert_eq!(std::fs::read(x.path.join("f")).unwrap(), b"xfs");
     assert_eq!(std::fs::read(y.path.join("f")).unwrap(), b"xfs");
+}
+
+/// Writes `len` bytes to a new file at `path` and syncs it.
+fn write_synced(path: &std::path::Path, len: usize) {
+    let f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        std::io::Write::write_all(&mut &f, &chunk[..n]).unwrap();
+        left -= n;
+    }
+    f.sync_all().unwrap();
+}
+
+/// Usage is a snapshot's exclusive bytes: what only its device maps, for a layer as of its
+/// commit. A layer that writes 1 MiB onto a 200 MB parent reports the 1 MiB and the
+/// filesystem metadata the write touched, a child never mounted reports nothing, and the
+/// parent keeps its figure while children share its blocks. `thinsnap snapshot usage`
+/// shows the mapped bytes beside them, and what removing the parent would free now.
+#[tokio::test(flavor = "multi_thread")]
+async fn loop_usage_is_exclusive_bytes() {
+    const MIB: u64 = 1 << 20;
+    let d = Daemon::start();
+    let mut c = d.client().await;
+    // `thinsnap snapshot usage` reads the mapping trees for the call; containerd's Usage
+    // answers from the last reading, at most a second (plus a reading) old.
+    let now = |k: &str| -> serde_json::Value {
+        d.cli_json(&["snapshot", "usage", "--json", k])[0].clone()
+    };
+    let bytes = |v: &serde_json::Value, f: &str| v[f].as_u64().unwrap();
+    let m = c.prepare("l1-active", "").await.unwrap();
+    assert_eq!(c.usage("l1-active").await.unwrap().size, 0, "never mounted");
+    let mnt = Mounted::new(d.dir.path(), "l1", &m);
+    write_synced(&mnt.path.join("big"), 200_000_000);
+    drop(mnt);
+    c.commit("l1", "l1-active").await.unwrap();
+    let l1 = now("l1");
+    assert!(
+        (200_000_000..200_000_000 + 16 * MIB).contains(&bytes(&l1, "exclusive_bytes")),
+        "a 200 MB layer alone: {l1}"
+    );
+    assert_eq!(
+        bytes(&l1, "exclusive_now_bytes"),
+        bytes(&l1, "exclusive_bytes")
+    );
+
+    let m = c.prepare("l2-active", "l1").await.unwrap();
+    let mnt = Mounted::new(d.dir.path(), "l2", &m);
+    write_synced(&mnt.path.join("small"), 1 << 20);
+    drop(mnt);
+    c.commit("l2", "l2-active").await.unwrap();
+    c.prepare("child", "l1").await.unwrap();
+    let (l2, child, l1_shared) = (now("l2"), now("child"), now("l1"));
+    eprintln!("l1 {l1}\nl2 {l2}\nchild {child}\nl1 with children {l1_shared}");
+    assert!(
+        (MIB..=8 * MIB).contains(&bytes(&l2, "exclusive_bytes")),
+        "1 MiB written onto the parent: {l2}"
+    );
+    assert!(bytes(&l2, "mapped_bytes") >= 201_000_000, "{l2}");
+    assert_eq!(
+        bytes(&child, "exclusive_bytes"),
+        0,
+        "never mounted: {child}"
+    );
+    assert!(bytes(&child, "mapped_bytes") >= 200_000_000, "{child}");
+    // l1 shares every block with the child that never wrote: its Usage stays what it
+    // added, but removing it alone would free nothing now.
+    assert_eq!(
+        bytes(&l1_shared, "exclusive_bytes"),
+        bytes(&l1, "exclusive_bytes"),
+        "a layer's figure is fixed at its commit"
+    );
+    assert_eq!(bytes(&l1_shared, "exclusive_now_bytes"), 0, "{l1_shared}");
+    assert_eq!(
+        l1_shared["inodes"], l1["inodes"],
+        "inodes recorded at commit"
+    );
+    // containerd gets the same figures, from a reading at most a second or so old.
+    let start = std::time::Instant::now();
+    loop {
+        let got = c.usage("l2").await.unwrap();
+        if got.size as u64 == bytes(&l2, "exclusive_bytes") {
+            break;
+        }
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "Usage of l2: {got:?}, thinsnap: {l2}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let table = d.cli_ok(&["snapshot", "usage", "l1", "child"]);
+    assert!(
+        table.starts_with("NAME")
+            && table.contains("EXCLUSIVE")
+            && table.contains("MAPPED")
+            && table.contains("FREEABLE"),
+        "{table}"
+    );
+
+    c.remove("child").await.unwrap();
+    c.remove("l2").await.unwrap();
+    // Their devices go in the background: Cleanup waits for that.
+    c.cleanup().await.unwrap();
+    let alone = now("l1");
+    assert_eq!(
+        bytes(&alone, "exclusive_now_bytes"),
+        bytes(&l1, "exclusive_bytes"),
+        "its children gone, removing l1 would free all it added: {alone}"
+    );
 }

@@ -195,11 +195,86 @@ fn resize_and_grow(fs: FsType) {
     assert!(big > small * 2, "{fs}: {small} -> {big}");
     thinpool::fs::umount(&m).unwrap();
 
-    // Growing an unmounted filesystem mounts it privately.
+    // Growing an unmounted filesystem mounts it for a moment in the private directory,
+    // which it leaves empty.
+    let private = t.dir.path().join("private");
+    let dirs = thinpool::MountDir::open(&private).unwrap();
     pool.resize_thin(id(1), bytes_to_sectors(2 * GIB)).unwrap();
-    thinpool::fs::grow_unmounted(fs, &dev.devnode).unwrap();
+    thinpool::fs::grow_unmounted(fs, &dev.devnode, &dirs).unwrap();
+    assert_eq!(
+        std::fs::read_dir(&private).unwrap().count(),
+        0,
+        "{fs}: mount left behind"
+    );
     thinpool::fs::mount(&dev.devnode, &m, fs, fs.required_options()).unwrap();
     assert!(fs_size(&m) > big, "{fs}");
+    thinpool::fs::umount(&m).unwrap();
+}
+
+/// mkfs.ext4 makes `lost+found` (mkfs.xfs does not); it is removed through a private
+/// mount, and only when empty.
+fn lost_found(fs: FsType) {
+    let t = TestPool::small();
+    let pool = t.pool();
+    pool.create_thin(id(1)).unwrap();
+    let dev = pool.activate(id(1), bytes_to_sectors(512 * MIB)).unwrap();
+    fs.mkfs(&dev.devnode, &[]).unwrap();
+    let m = t.mountpoint("lf");
+    thinpool::fs::mount(&dev.devnode, &m, fs, fs.required_options()).unwrap();
+    assert_eq!(m.join("lost+found").is_dir(), fs == FsType::Ext4, "{fs}");
+    thinpool::fs::umount(&m).unwrap();
+
+    let private = t.dir.path().join("private");
+    let dirs = thinpool::MountDir::open(&private)
+        .unwrap()
+        .with_xfs_enospc_retries(Some(0));
+    // An xfs temporary mount gives up on metadata writes a full pool refuses at once.
+    let knob = dirs
+        .with_mount(
+            "probe",
+            &dev.devnode,
+            fs,
+            fs.required_options(),
+            "probe",
+            |_| {
+                let name = thinpool::fs::kernel_name(&dev.devnode)?;
+                Ok(std::fs::read_to_string(format!(
+                    "/sys/fs/xfs/{name}/error/metadata/ENOSPC/max_retries"
+                ))
+                .ok())
+            },
+        )
+        .unwrap();
+    let want = (fs == FsType::Xfs).then(|| "0\n".to_string());
+    assert_eq!(knob, want, "{fs}: max_retries of the temporary mount");
+    let removed = thinpool::fs::remove_lost_found(fs, &dev.devnode, &dirs).unwrap();
+    assert_eq!(removed, fs == FsType::Ext4, "{fs}");
+    assert_eq!(
+        std::fs::read_dir(&private).unwrap().count(),
+        0,
+        "{fs}: mount left behind"
+    );
+    thinpool::fs::mount(&dev.devnode, &m, fs, fs.required_options()).unwrap();
+    let names: Vec<_> = std::fs::read_dir(&m)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(names.is_empty(), "{fs}: root holds {names:?}");
+    // One that holds something is left.
+    std::fs::create_dir(m.join("lost+found")).unwrap();
+    std::fs::write(m.join("lost+found/#12"), b"x").unwrap();
+    thinpool::fs::umount(&m).unwrap();
+    assert!(!thinpool::fs::remove_lost_found(fs, &dev.devnode, &dirs).unwrap());
+}
+
+#[test]
+fn loop_thin_ext4_lost_found_removed() {
+    lost_found(FsType::Ext4);
+}
+
+#[test]
+fn loop_thin_xfs_lost_found_removed() {
+    lost_found(FsType::Xfs);
 }
 
 #[test]
@@ -231,4 +306,90 @@ fn loop_thin_ids_are_read_from_pool_metadata() {
         None,
         "snapshot released"
     );
+}
+
+/// The pool's mapping trees as `thin_ls` reads them, on the same held metadata snapshot
+/// as thinpool's reader: every device's mapped and exclusive blocks agree, for devices
+/// whose trees share subtrees in every way kernel snapshots make them.
+#[test]
+fn loop_mapping_usage_matches_thin_ls() {
+    let t = TestPool::small();
+    let pool = t.pool();
+    let size = bytes_to_sectors(GIB);
+    let write = |n: u32, offset: u64, len: u64| {
+        let dev = pool.activate(id(n), size).unwrap();
+        write_direct(&dev.devnode, offset, len).unwrap();
+    };
+    pool.create_thin(id(1)).unwrap();
+    write(1, 0, 128 * MIB); // 2048 blocks of 64 KiB: a tree of several levels
+    pool.create_snapshot(id(2), id(1)).unwrap();
+    pool.create_snapshot(id(3), id(2)).unwrap();
+    pool.create_snapshot(id(4), id(1)).unwrap(); // never written
+    write(2, 0, 4 * MIB); // overwrites blocks 2 shared with 1, 3 and 4
+    write(3, 64 * MIB, 8 * MIB);
+    write(3, 128 * MIB, MIB); // beyond what 1 mapped
+    pool.create_snapshot(id(5), id(3)).unwrap();
+    write(5, 64 * MIB, MIB); // makes 1 MiB of 3's own blocks exclusive to 3
+    write(1, 100 * MIB, 2 * MIB); // the origin breaks sharing from its side
+
+    let (ours, theirs) = pool
+        .with_metadata_snapshot(|meta, root| {
+            let ours = thinpool::usage::read_mapping_usage(meta, root, thinpool::Count::Exclusive)?;
+            // thin_ls finds the held snapshot's root in the primary superblock itself.
+            let out = std::process::Command::new("thin_ls")
+                .arg("--metadata-snap")
+                .args(["--no-headers", "-o", "DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS"])
+                .arg(meta)
+                .output()
+                .expect("thin_ls (thin-provisioning-tools) must be on PATH");
+            assert!(out.status.success(), "thin_ls: {out:?}");
+            Ok((ours, String::from_utf8(out.stdout).unwrap()))
+        })
+        .unwrap();
+    let theirs: std::collections::BTreeMap<u32, (u64, u64)> = theirs
+        .lines()
+        .map(|l| {
+            let f: Vec<u64> = l.split_whitespace().map(|x| x.parse().unwrap()).collect();
+            (f[0] as u32, (f[1], f[2]))
+        })
+        .collect();
+    eprintln!(
+        "{} nodes in {} reads; thin_ls: {theirs:?}",
+        ours.nodes_read, ours.reads
+    );
+    let live: std::collections::BTreeMap<u32, (u64, u64)> = ours
+        .devices
+        .iter()
+        .map(|(id, d)| (*id, (d.mapped, d.exclusive)))
+        .collect();
+    assert_eq!(live, theirs, "thinpool's reader vs thin_ls");
+    // Owned: what each device provisioned itself since it was created (1 is the origin of
+    // everything; 4 never wrote).
+    let blocks = |mib: u64| mib * MIB / (64 * 1024);
+    let expect = [
+        (1, 128, 2, 128),
+        (2, 128, 4, 4),
+        (3, 129, 1, 9),
+        (4, 128, 0, 0),
+        (5, 129, 1, 1),
+    ];
+    for (n, mapped, exclusive, owned) in expect {
+        assert_eq!(
+            ours.devices[&n],
+            thinpool::DeviceBlocks {
+                mapped: blocks(mapped),
+                exclusive: blocks(exclusive),
+                owned: blocks(owned),
+            },
+            "device {n}"
+        );
+    }
+    // The same through the pool's own call (which takes and releases the snapshot).
+    assert_eq!(
+        pool.mapping_usage(thinpool::Count::Exclusive)
+            .unwrap()
+            .devices,
+        ours.devices
+    );
+    assert_eq!(pool.status().unwrap().held_metadata_root, None);
 }

@@ -135,7 +135,13 @@ pub struct Results {
     pub dmsetup_ms: Option<f64>,
     pub fill_secs: BTreeMap<String, f64>,
     pub committed: u32,
+    /// Seconds containerd's garbage collection took to remove a chain of
+    /// [`GC_CHAIN`] committed snapshots (an image's layers) once nothing referenced it.
+    pub gc_chain: BTreeMap<String, f64>,
 }
+
+/// Committed snapshots in the chain whose garbage collection is timed.
+pub const GC_CHAIN: u32 = 100;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -296,6 +302,8 @@ fn measure(
         thinsnap,
     )?);
 
+    let gc_chain = gc_phase(&mut api, snapshotters, GC_CHAIN)?;
+
     let dmsetup_ms = pool.map(|p| {
         let mut v = Vec::new();
         for _ in 0..20 {
@@ -320,7 +328,35 @@ fn measure(
         dmsetup_ms,
         fill_secs,
         committed: args.committed,
+        gc_chain,
     })
+}
+
+/// For each snapshotter: a chain of `n` committed snapshots on the base (as an image's
+/// layers are), then containerd's records of them removed (as `ctr images rm` leaves
+/// them to the collector), then one synchronous garbage collection, timed: containerd
+/// removes each from the snapshotter and calls its Cleanup.
+fn gc_phase(api: &mut Api, snapshotters: &[String], n: u32) -> Result<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    for sn in snapshotters {
+        eprintln!("== garbage collection of a chain of {n} committed snapshots on {sn}");
+        let mut parent = "base".to_string();
+        let mut chain = Vec::new();
+        for i in 0..n {
+            let (a, c) = (format!("chain-{i}-a"), format!("chain-{i}"));
+            api.create(sn, false, &a, &parent)?;
+            api.commit(sn, &c, &a)?;
+            chain.push(c.clone());
+            parent = c;
+        }
+        for c in chain.iter().rev() {
+            api.remove(sn, c)?;
+        }
+        let secs = api.gc()?.as_secs_f64();
+        eprintln!("  {sn}: {secs:.2} s");
+        out.insert(sn.clone(), secs);
+    }
+    Ok(out)
 }
 
 /// Imports and `ctr run`, before the API phases fill the pools.

@@ -72,6 +72,23 @@ pub fn print(r: &Results) {
     let has = |s: &str| sns.iter().any(|x| x == s);
 
     println!();
+    println!(
+        "## Garbage collection of a chain of {} committed snapshots (s; ratio to devmapper)",
+        crate::GC_CHAIN
+    );
+    println!();
+    let dm = r.gc_chain.get(DEVMAPPER).copied();
+    for sn in sns {
+        if let Some(secs) = r.gc_chain.get(sn) {
+            let x = match (sn.as_str(), dm) {
+                (DEVMAPPER, _) | (_, None) => String::new(),
+                (_, Some(d)) => format!(" ({:.2}x)", secs / d),
+            };
+            println!("- {sn}: {secs:.2}{x}");
+        }
+    }
+
+    println!();
     println!("## Snapshots API through containerd (ms; ratios of p50 to devmapper)");
     println!();
     let mut head = "| operation | present |".to_string();

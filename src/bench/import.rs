@@ -12,8 +12,9 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
+use thinsnap_core::config::Config;
+
 use crate::{
-    config::Config,
     image::{self, mount::TempMount, Backend, Digest},
     service::client::Client,
 };
@@ -214,13 +215,20 @@ pub fn run(config: &Config, opts: &ImportBench) -> Result<ExitCode> {
         .unwrap_or_else(|| super::scratch().with_file_name("thinsnap-bench-import"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let result = bench(&mut client, &dir, &tar, opts);
+    let dirs = config.temp_mounts()?;
+    let result = bench(&mut client, &dirs, &dir, &tar, opts);
     let _ = std::fs::remove_dir_all(&dir);
     result?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn bench(client: &mut Client, dir: &Path, tar: &Path, opts: &ImportBench) -> Result<()> {
+fn bench(
+    client: &mut Client,
+    dirs: &thinpool::MountDir,
+    dir: &Path,
+    tar: &Path,
+    opts: &ImportBench,
+) -> Result<()> {
     // A seed of this run, so the chain ids are new and nothing is skipped.
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -242,7 +250,13 @@ fn bench(client: &mut Client, dir: &Path, tar: &Path, opts: &ImportBench) -> Res
         .map_err(|e| anyhow::anyhow!("cannot prepare {warm}: {e}"))?;
     client.remove(&warm)?;
 
-    let report = image::import(client, &archive, Some("thinsnap-bench"), &mut image::Quiet)?;
+    let report = image::import(
+        client,
+        dirs,
+        &archive,
+        Some("thinsnap-bench"),
+        &mut image::Quiet,
+    )?;
     let import_s = report.seconds;
     let mut chain: Vec<String> = report
         .layers
@@ -256,7 +270,7 @@ fn bench(client: &mut Client, dir: &Path, tar: &Path, opts: &ImportBench) -> Res
         .prepare(&key, "", Default::default())
         .map_err(|e| anyhow::anyhow!("cannot prepare {key}: {e}"))?;
     let extracted = (|| -> Result<()> {
-        let mnt = TempMount::new("bench", mounts.first().context("no mount")?, &[])?;
+        let mnt = TempMount::new(dirs, "bench", mounts.first().context("no mount")?, &[])?;
         for t in &tars {
             let out = Command::new(tar)
                 .arg("-xf")

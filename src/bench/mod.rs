@@ -9,6 +9,7 @@ use std::{
 
 pub mod import;
 mod snapshots;
+mod usage;
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
@@ -41,6 +42,9 @@ pub enum BenchCmd {
     /// started for the purpose, with 10, 1,000 and 10,000 committed snapshots present, and
     /// the daemon's RSS.
     Snapshots(SnapshotsBench),
+    /// Usage latency over gRPC with 1,000 committed snapshots that each wrote a file: the
+    /// call that reads the pool's mapping trees, and every snapshot's call in turn.
+    Usage(usage::UsageBench),
     /// Import a generated ~200 MB, ~20,000-file image through the running daemon (global
     /// --config) and compare with tar extracting the same layers onto a fresh snapshot.
     Import(import::ImportBench),
@@ -102,6 +106,7 @@ pub fn run(cmd: &BenchCmd) -> Result<ExitCode> {
             &dir.clone().unwrap_or_else(scratch),
         ),
         BenchCmd::Snapshots(opts) => crate::bench::snapshots::run(opts),
+        BenchCmd::Usage(opts) => usage::run(opts),
         // Needs the configuration: the CLI dispatches it (crate::cli::run).
         BenchCmd::Import(_) => bail!("`bench import` runs through the thinsnap CLI"),
     }

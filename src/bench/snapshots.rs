@@ -1,5 +1,10 @@
 //! `thinsnap bench snapshots`: Prepare / Commit / Remove latency over gRPC at several
-//! numbers of existing snapshots, against a daemon started for the purpose.
+//! numbers of existing snapshots, against a daemon started for the purpose with thinsnap's
+//! default configuration (only its directories and pool name changed), beside the kernel's
+//! floor for each, measured in the same run on a loopback pool of the same sizes filled to
+//! the same number of thin devices: Prepare's floor is `create_snap` + activate, Commit's a
+//! deactivate, Remove's a deactivate + `delete`. Each removal's background reclamation is
+//! waited for (Cleanup) outside the timed request, so it does not slow the next cycle.
 
 use std::{
     path::Path,
@@ -12,28 +17,48 @@ use anyhow::{bail, Context, Result};
 use super::{scratch, summarize, SnapshotsBench};
 use crate::service::client::Client;
 
-struct Daemon {
+/// A `thinsnap serve` on a loopback pool of its own, destroyed by [`Daemon::stop`].
+pub(super) struct Daemon {
     child: Child,
     config: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    socket: std::path::PathBuf,
 }
 
 impl Daemon {
-    fn start(dir: &Path) -> Result<(Daemon, std::path::PathBuf)> {
+    pub(super) fn start(dir: &Path) -> Result<(Daemon, std::path::PathBuf)> {
         std::fs::create_dir_all(dir)?;
         let socket = dir.join("bench.sock");
         let config = dir.join("config.toml");
         std::fs::write(
             &config,
             format!(
-                "state_dir = \"{0}/state\"\nsocket = \"{1}\"\ndefault_size = \"1G\"\n[pool]\nname = \"benchsnap\"\n[pool.loopback]\ndata_size = \"64G\"\nmetadata_size = \"1G\"\n",
+                "state_dir = \"{0}/state\"\nsocket = \"{1}\"\nruntime_dir = \"{0}/run\"\n[pool]\nname = \"benchsnap\"\n",
                 dir.display(),
                 socket.display()
             ),
         )?;
-        let log = std::fs::File::create(dir.join("daemon.log"))?;
+        let child = Self::spawn(dir, &config, &socket)?;
+        Ok((
+            Daemon {
+                child,
+                config,
+                dir: dir.to_path_buf(),
+                socket: socket.clone(),
+            },
+            socket,
+        ))
+    }
+
+    /// Starts `thinsnap serve` and waits until its socket answers.
+    fn spawn(dir: &Path, config: &Path, socket: &Path) -> Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("daemon.log"))?;
         let child = Command::new(std::env::current_exe()?)
             .arg("--config")
-            .arg(&config)
+            .arg(config)
             .args(["--log", "warn", "serve"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -41,16 +66,29 @@ impl Daemon {
             .spawn()
             .context("cannot start thinsnap serve")?;
         let start = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
             if start.elapsed() > Duration::from_secs(120) {
                 bail!(
                     "the benchmark daemon did not start; see {}",
                     dir.join("daemon.log").display()
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
         }
-        Ok((Daemon { child, config }, socket))
+        Ok(child)
+    }
+
+    /// Stops the daemon and starts it again; returns how long the new one took to answer
+    /// (opening the pool and reconciling every record first).
+    fn restart(&mut self) -> Result<Duration> {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        self.child.wait()?;
+        let t = Instant::now();
+        self.child = Self::spawn(&self.dir, &self.config, &self.socket)?;
+        Ok(t.elapsed())
     }
 
     fn rss_kib(&self) -> u64 {
@@ -64,7 +102,7 @@ impl Daemon {
             .unwrap_or(0)
     }
 
-    fn stop(mut self) -> Result<()> {
+    pub(super) fn stop(mut self) -> Result<()> {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -81,6 +119,92 @@ impl Daemon {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        Ok(())
+    }
+}
+
+/// The kernel's floor: a loopback pool of the daemon's default sizes, thin devices of its
+/// default size.
+struct Floor {
+    pool: thinpool::ThinPool,
+    dir: std::path::PathBuf,
+    devices: u32,
+}
+
+/// p50 of the floor of each request, in ms.
+struct FloorP50 {
+    prepare: f64,
+    commit: f64,
+    remove: f64,
+}
+
+impl Floor {
+    fn open(dir: &Path) -> Result<Floor> {
+        let d = thinsnap_core::config::Config::default();
+        let thinpool::Source::Loopback {
+            data_size,
+            meta_size,
+            ..
+        } = d.pool_source
+        else {
+            bail!("the default pool is a loopback pool");
+        };
+        let source = thinpool::Source::Loopback {
+            dir: dir.to_path_buf(),
+            data_size,
+            meta_size,
+        };
+        let pool = thinpool::ThinPool::open(
+            &thinpool::PoolName::new("benchfloor")?,
+            &source,
+            &d.pool_options,
+        )?;
+        pool.create_thin(thinpool::ThinId::new(1)?)?;
+        Ok(Floor {
+            pool,
+            dir: dir.to_path_buf(),
+            devices: 1,
+        })
+    }
+
+    /// Fills the pool to `count` thin devices, then times `iterations` cycles.
+    fn measure(&mut self, count: u32, iterations: u32) -> Result<FloorP50> {
+        use thinpool::{RemoveMode, ThinId};
+        while self.devices < count {
+            self.devices += 1;
+            self.pool.create_thin(ThinId::new(self.devices)?)?;
+        }
+        let size = thinpool::units::bytes_to_sectors(
+            thinsnap_core::config::Config::default().default_size,
+        );
+        let (origin, id) = (ThinId::new(1)?, ThinId::new(ThinId::MAX)?);
+        let (mut p, mut c, mut r) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..iterations {
+            let t0 = Instant::now();
+            self.pool.create_snapshot(id, origin)?;
+            self.pool.activate(id, size)?;
+            let t1 = Instant::now();
+            self.pool.deactivate(id, RemoveMode::Now)?;
+            let t2 = Instant::now();
+            self.pool.delete_thin(id)?;
+            let t3 = Instant::now();
+            p.push(t1 - t0);
+            c.push(t2 - t1);
+            r.push(t3 - t1);
+        }
+        Ok(FloorP50 {
+            prepare: summarize(&mut p).p50,
+            commit: summarize(&mut c).p50,
+            remove: summarize(&mut r).p50,
+        })
+    }
+
+    fn destroy(self) -> Result<()> {
+        for (id, _, _) in self.pool.active_thins().unwrap_or_default() {
+            let _ = self.pool.deactivate(id, thinpool::RemoveMode::Now);
+        }
+        self.pool.destroy()?;
+        let _ = std::fs::remove_dir_all(&self.dir);
         Ok(())
     }
 }
@@ -113,24 +237,28 @@ fn fill(socket: &Path, from: u32, to: u32, clients: u32) -> Result<()> {
 pub fn run(opts: &SnapshotsBench) -> Result<ExitCode> {
     let dir = opts.dir.clone().unwrap_or_else(scratch).join("snapshots");
     let _ = std::fs::remove_dir_all(&dir);
-    let (daemon, socket) = Daemon::start(&dir)?;
+    let (mut daemon, socket) = Daemon::start(&dir)?;
+    let mut floor = Floor::open(&dir.join("floor"))?;
     let result = (|| -> Result<()> {
         let mut c = Client::connect(&socket)?;
         c.create(false, "base-active", "", Default::default())?;
         c.commit("base", "base-active", Default::default())?;
         println!(
-            "Snapshots API over gRPC, {} cycles per count (ms)",
+            "Snapshots API over gRPC, {} cycles per count (ms; x: p50 / the kernel's floor p50)",
             opts.iterations
         );
         println!(
-            "{:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+            "{:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>7} {:>9} {:>9} {:>7} {:>10}",
             "snapshots",
             "prep p50",
             "prep p99",
+            "x floor",
             "comm p50",
             "comm p99",
+            "x floor",
             "rm p50",
             "rm p99",
+            "x floor",
             "RSS MiB"
         );
         let mut existing = 1u32;
@@ -159,17 +287,34 @@ pub fn run(opts: &SnapshotsBench) -> Result<ExitCode> {
                 let t = Instant::now();
                 c.remove(&name)?;
                 r.push(t.elapsed());
+                c.cleanup()?;
             }
+            let f = floor.measure(count, opts.iterations.min(100))?;
             let (sp, sc, sr) = (summarize(&mut p), summarize(&mut cm), summarize(&mut r));
             println!(
-                "{:>9} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1}",
+                "{:>9} {:>9.1} {:>9.1} {:>6.2}x {:>9.1} {:>9.1} {:>6.2}x {:>9.1} {:>9.1} {:>6.2}x {:>10.1}",
                 count,
                 sp.p50,
                 sp.p99,
+                sp.p50 / f.prepare,
                 sc.p50,
                 sc.p99,
+                sc.p50 / f.commit,
                 sr.p50,
                 sr.p99,
+                sr.p50 / f.remove,
+                daemon.rss_kib() as f64 / 1024.0
+            );
+            println!(
+                "{:>9} floor p50: prepare (create_snap + activate) {:.1}, commit (deactivate) {:.1}, remove (deactivate + delete) {:.1}",
+                "", f.prepare, f.commit, f.remove
+            );
+            let ready = daemon.restart()?;
+            c = Client::connect(&socket)?;
+            println!(
+                "{:>9} restart: ready {:.2} s after it was started, RSS {:.1} MiB",
+                "",
+                ready.as_secs_f64(),
                 daemon.rss_kib() as f64 / 1024.0
             );
             first.get_or_insert([sp.p50, sc.p50, sr.p50]);
@@ -188,8 +333,10 @@ pub fn run(opts: &SnapshotsBench) -> Result<ExitCode> {
         Ok(())
     })();
     let stopped = daemon.stop();
+    let floored = floor.destroy();
     let _ = std::fs::remove_dir_all(&dir);
     result?;
     stopped?;
+    floored?;
     Ok(ExitCode::SUCCESS)
 }

@@ -6,16 +6,16 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use thinpool::units::format_size;
 
-use crate::{
-    config::Config, service::client::Client, service::StateLock, snapshotter::Snapshotter,
-};
+use thinsnap_core::{config::Config, state::StateLock, Engine};
+
+use crate::service::client::Client;
 
 /// Runs gc and prints what it freed (or would free).
 pub fn run(config: &Config, dry_run: bool, json: bool) -> Result<ExitCode> {
-    let (actions, problems, freed) = match Client::connect(&config.socket) {
+    let (actions, problems, notes, freed) = match Client::connect(&config.socket) {
         Ok(mut c) => {
             let r = c.gc(dry_run)?;
-            (r.actions, r.problems, r.freed_bytes)
+            (r.actions, r.problems, r.notes, r.freed_bytes)
         }
         Err(_) if config.socket.exists() && StateLock::acquire(&config.lock_path()).is_err() => {
             anyhow::bail!(
@@ -26,15 +26,15 @@ pub fn run(config: &Config, dry_run: bool, json: bool) -> Result<ExitCode> {
         }
         Err(_) => {
             let _lock = StateLock::acquire(&config.lock_path())?;
-            let snap = Snapshotter::open(config.clone()).context("cannot open the pool")?;
+            let snap = Engine::open(config.clone()).context("cannot open the pool")?;
             let (r, freed) = snap.gc(dry_run)?;
-            (r.actions, r.problems, freed)
+            (r.actions, r.problems, r.notes, freed)
         }
     };
     if json {
         println!(
             "{}",
-            serde_json::json!({"dry_run": dry_run, "actions": actions, "problems": problems, "freed_bytes": freed})
+            serde_json::json!({"dry_run": dry_run, "actions": actions, "problems": problems, "notes": notes, "freed_bytes": freed})
         );
     } else {
         let verb = if dry_run { "would" } else { "did" };
@@ -43,6 +43,9 @@ pub fn run(config: &Config, dry_run: bool, json: bool) -> Result<ExitCode> {
         }
         for p in &problems {
             println!("problem: {p}");
+        }
+        for n in &notes {
+            println!("note: {n}");
         }
         if actions.is_empty() {
             println!("nothing to collect");

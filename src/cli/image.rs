@@ -13,8 +13,9 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use thinsnap_core::config::Config;
+
 use crate::{
-    config::Config,
     image::{self, Progress},
     service::client::Client,
 };
@@ -144,12 +145,21 @@ pub fn run(config: &Config, cmd: &ImageCmd) -> Result<ExitCode> {
         bail!("image import and export mount snapshots: run them as root");
     }
     let mut client = Client::connect(&config.socket)?;
+    let dirs = config
+        .temp_mounts()
+        .context("cannot open the private mount directory")?;
     catch_signals()?;
     let mut progress = Reporter::new();
     match cmd {
         ImageCmd::Import { file, reference } => {
-            let r = image::import(&mut client, file, reference.as_deref(), &mut progress)
-                .context("import failed")?;
+            let r = image::import(
+                &mut client,
+                &dirs,
+                file,
+                reference.as_deref(),
+                &mut progress,
+            )
+            .context("import failed")?;
             let bytes = r.tar_bytes();
             println!(
                 "imported {} ({}, config {}): {} layers imported, {} already present; {:.1} MB \
@@ -170,7 +180,7 @@ pub fn run(config: &Config, cmd: &ImageCmd) -> Result<ExitCode> {
         }
         ImageCmd::Export { snapshot, file } => {
             let started = Instant::now();
-            let s = image::export(&mut client, snapshot, file, &mut progress)
+            let s = image::export(&mut client, &dirs, snapshot, file, &mut progress)
                 .context("export failed")?;
             let secs = started.elapsed().as_secs_f64();
             let line = format!(

@@ -10,17 +10,12 @@ mod status;
 mod table;
 mod volume;
 
-use std::{path::PathBuf, process::ExitCode, sync::Arc};
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use tracing::info;
 
-use crate::{
-    config::{self, Config},
-    service::{self, StateLock},
-    snapshotter::Snapshotter,
-};
+use thinsnap_core::config::{self, Config};
 
 /// Block-level thin-provisioning snapshots for containerd, on device-mapper thin pools.
 #[derive(Debug, Parser)]
@@ -54,7 +49,7 @@ pub enum Command {
     /// Report what startup reconciliation would change, without changing anything.
     Check,
     /// Reconcile the store with the pool: finish or roll back interrupted operations,
-    /// delete orphaned thin devices, re-activate what active snapshots need.
+    /// re-activate what active snapshots need; thin devices no record owns are left alone.
     Repair,
     /// Import and export images
     #[command(subcommand)]
@@ -65,8 +60,8 @@ pub enum Command {
     /// Take over another storage driver's devices (Docker's devicemapper driver).
     #[command(subcommand)]
     Migrate(migrate::MigrateCmd),
-    /// Remove what containerd no longer references: finish pending removals, delete thin
-    /// devices no snapshot records, remove stale devices; prints what it freed.
+    /// Remove what containerd no longer references: finish pending removals and remove
+    /// stale devices; prints what it freed.
     Gc {
         /// Only report what would be done.
         #[arg(long)]
@@ -142,7 +137,7 @@ impl Cli {
     /// The configuration named on the command line (defaults if the default file is absent).
     pub fn load_config(&self) -> Result<Config> {
         let explicit = self.config.as_os_str() != config::DEFAULT_PATH;
-        Config::load(&self.config, explicit)
+        Ok(Config::load(&self.config, explicit)?)
     }
 }
 
@@ -163,7 +158,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             print!("{c}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve => serve(&cli.load_config()?),
+        Command::Serve => crate::daemon::run(&cli.load_config()?),
         Command::Pool(cmd) => pool::run(&cli.load_config()?, cmd),
         Command::Snapshot(cmd) => snapshot::run(&cli.load_config()?, cmd),
         Command::Check => repair::run(&cli.load_config()?, false),
@@ -192,32 +187,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Bench(cmd) => crate::bench::run(cmd),
     }
-}
-
-fn serve(config: &Config) -> Result<ExitCode> {
-    let _lock = StateLock::acquire(&config.lock_path())?;
-    let socket = config.socket.clone();
-    let snap = Snapshotter::open(config.clone()).context("cannot open the pool")?;
-    if let Some(why) = snap.unfinished_job()? {
-        anyhow::bail!("not serving: {why}");
-    }
-    let report = snap
-        .recover(true)
-        .context("startup reconciliation failed")?;
-    for p in &report.problems {
-        tracing::warn!("reconciliation: {p}");
-    }
-    info!(
-        actions = report.actions.len(),
-        problems = report.problems.len(),
-        "reconciled store and pool"
-    );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(service::serve(Arc::new(snap), &socket))?;
-    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

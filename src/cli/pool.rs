@@ -2,11 +2,11 @@
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Subcommand;
 use thinpool::{units, ThinPool};
 
-use crate::{config::Config, service::StateLock};
+use thinsnap_core::{config::Config, pool_admin, state::StateLock};
 
 /// `thinsnap pool ...`
 #[derive(Debug, Subcommand)]
@@ -48,8 +48,7 @@ pub enum PoolCmd {
 }
 
 fn open(config: &Config) -> Result<ThinPool> {
-    ThinPool::open(&config.pool_name, &config.pool_source, &config.pool_options)
-        .with_context(|| format!("cannot open pool {}", config.pool_name))
+    pool_admin::open_pool(config).with_context(|| format!("cannot open pool {}", config.pool_name))
 }
 
 /// Runs a pool command.
@@ -63,85 +62,8 @@ pub fn run(config: &Config, cmd: &PoolCmd) -> Result<ExitCode> {
                 pool.describe_source()
             );
         }
-        PoolCmd::Status { json } => {
-            let pool = open(config)?;
-            let st = pool.status()?;
-            // Counting needs a metadata snapshot, which a read-only pool cannot take.
-            let n = pool.thin_ids().map(|ids| ids.len()).ok();
-            if *json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "pool": config.pool_name.as_str(),
-                        "source": pool.describe_source(),
-                        "data_used_bytes": st.data_used_bytes(),
-                        "data_total_bytes": st.data_total_bytes(),
-                        "metadata_used_bytes": st.meta_used_bytes(),
-                        "metadata_total_bytes": st.meta_total_bytes(),
-                        "block_size_bytes": units::sectors_to_bytes(st.block_size),
-                        "transaction_id": st.transaction_id,
-                        "mode": st.mode.to_string(),
-                        "needs_check": st.needs_check,
-                        "low_water_mark_blocks": st.low_water_mark.0,
-                        "thin_devices": n,
-                        "active_thin_devices": pool.active_thins()?.len(),
-                    })
-                );
-            } else {
-                println!("pool            {}", config.pool_name);
-                println!("source          {}", pool.describe_source());
-                println!(
-                    "data            {} / {} ({:.1}%)",
-                    units::format_size(st.data_used_bytes()),
-                    units::format_size(st.data_total_bytes()),
-                    st.data_fraction() * 100.0
-                );
-                println!(
-                    "metadata        {} / {} ({:.1}%)",
-                    units::format_size(st.meta_used_bytes()),
-                    units::format_size(st.meta_total_bytes()),
-                    st.meta_fraction() * 100.0
-                );
-                println!(
-                    "block size      {}",
-                    units::format_size(units::sectors_to_bytes(st.block_size))
-                );
-                println!(
-                    "mode            {}{}",
-                    st.mode,
-                    if st.needs_check { " (needs_check)" } else { "" }
-                );
-                println!("transaction id  {}", st.transaction_id);
-                println!(
-                    "low-water mark  {} blocks ({})",
-                    st.low_water_mark.0,
-                    units::format_size(
-                        st.low_water_mark.0 * units::sectors_to_bytes(st.block_size)
-                    )
-                );
-                match n {
-                    Some(n) => println!("thin devices    {n}"),
-                    None => println!("thin devices    unknown (the pool is not writable)"),
-                }
-            }
-        }
-        PoolCmd::Grow { data, metadata } => {
-            let pool = open(config)?;
-            let cur = pool.data_bytes()?;
-            let new = match data.strip_prefix('+') {
-                Some("0") => cur,
-                Some(add) => cur + units::parse_size(add)?,
-                None => units::parse_size(data)?,
-            };
-            let meta = metadata.as_deref().map(units::parse_size).transpose()?;
-            pool.grow(new, meta)?;
-            println!(
-                "pool {} data: {} -> {}",
-                config.pool_name,
-                units::format_size(cur),
-                units::format_size(pool.data_bytes()?)
-            );
-        }
+        PoolCmd::Status { json } => status(config, *json)?,
+        PoolCmd::Grow { data, metadata } => grow(config, data, metadata.as_deref())?,
         PoolCmd::Backup { file } => {
             let pool = open(config)?;
             pool.backup_metadata(file)?;
@@ -152,79 +74,125 @@ pub fn run(config: &Config, cmd: &PoolCmd) -> Result<ExitCode> {
                 pool.status()?.transaction_id
             );
         }
-        PoolCmd::Check => {
-            let pool = open(config)?;
-            match pool.check_metadata() {
-                Ok(report) => {
-                    print!("{report}");
-                    println!("pool {}: metadata is consistent", config.pool_name);
-                }
-                Err(e) => {
-                    eprintln!("pool {}: metadata check FAILED: {e}", config.pool_name);
-                    eprintln!("stop thinsnap and containerd, deactivate the pool, and repair it with thin_repair (see docs/operations.md)");
-                    return Ok(ExitCode::from(1));
-                }
-            }
-        }
+        PoolCmd::Check => return check(config),
         PoolCmd::Repair => {
             let _lock = StateLock::acquire(&config.lock_path())?;
-            let pool = open(config)?;
-            let before = pool.status()?;
-            // Devices only active for active snapshots go; the daemon re-activates them.
-            for (id, name, dev) in pool.active_thins()? {
-                let mounts = thinpool::fs::mounts_of(dev)?;
-                if !mounts.is_empty() {
-                    bail!(
-                        "{} is mounted at {}: stop the containers using the pool first",
-                        &*name,
-                        mounts[0].display()
-                    );
-                }
-                pool.deactivate(id, thinpool::RemoveMode::Now)?;
-            }
-            let (pool, report) = pool.repair()?;
-            print!("{report}");
-            let after = pool.status()?;
+            let r = pool_admin::repair_pool(config)?;
+            print!("{}", r.report);
+            let show = |(mode, check): (thinpool::PoolMode, bool)| {
+                format!("{mode}{}", if check { " (needs_check)" } else { "" })
+            };
             println!(
-                "pool {}: {}{} -> {}{}; start thinsnap again to re-activate active snapshots",
+                "pool {}: {} -> {}; start thinsnap again to re-activate active snapshots",
                 config.pool_name,
-                before.mode,
-                if before.needs_check {
-                    " (needs_check)"
-                } else {
-                    ""
-                },
-                after.mode,
-                if after.needs_check {
-                    " (needs_check)"
-                } else {
-                    ""
-                }
+                show(r.before),
+                show(r.after)
             );
         }
         PoolCmd::Destroy { force } => {
             let _lock = StateLock::acquire(&config.lock_path())?;
-            let store_path = config.store_path();
-            if store_path.exists() {
-                let store = crate::store::Store::open(&store_path, config.pool_name.as_str())?;
-                let n = store.read()?.all()?.len();
-                let v = store.read()?.volumes()?.len();
-                drop(store);
-                if (n > 0 || v > 0) && !force {
-                    bail!("the store records {n} snapshot(s) and {v} volume(s) in pool {}: remove them first, or pass --force to destroy them all", config.pool_name);
-                }
-            }
-            let pool = open(config)?;
-            for (id, _, _) in pool.active_thins()? {
-                pool.deactivate(id, thinpool::RemoveMode::Now)?;
-            }
-            pool.destroy()?;
-            if store_path.exists() {
-                std::fs::remove_file(&store_path)
-                    .with_context(|| format!("cannot remove {}", store_path.display()))?;
-            }
+            pool_admin::destroy_pool(config, *force)?;
             println!("pool {} destroyed", config.pool_name);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `thinsnap pool status [--json]`.
+fn status(config: &Config, json: bool) -> Result<()> {
+    let pool = open(config)?;
+    let st = pool.status()?;
+    // Counting needs a metadata snapshot, which a read-only pool cannot take.
+    let n = pool.thin_ids().map(|ids| ids.len()).ok();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "pool": config.pool_name.as_str(),
+                "source": pool.describe_source(),
+                "data_used_bytes": st.data_used_bytes(),
+                "data_total_bytes": st.data_total_bytes(),
+                "metadata_used_bytes": st.meta_used_bytes(),
+                "metadata_total_bytes": st.meta_total_bytes(),
+                "block_size_bytes": units::sectors_to_bytes(st.block_size),
+                "transaction_id": st.transaction_id,
+                "mode": st.mode.to_string(),
+                "needs_check": st.needs_check,
+                "low_water_mark_blocks": st.low_water_mark.0,
+                "thin_devices": n,
+                "active_thin_devices": pool.active_thins()?.len(),
+            })
+        );
+        return Ok(());
+    }
+    let share = |used: u64, total: u64| {
+        format!(
+            "{} / {} ({:.1}%)",
+            units::format_size(used),
+            units::format_size(total),
+            used as f64 / total.max(1) as f64 * 100.0
+        )
+    };
+    println!("pool            {}", config.pool_name);
+    println!("source          {}", pool.describe_source());
+    println!(
+        "data            {}",
+        share(st.data_used_bytes(), st.data_total_bytes())
+    );
+    println!(
+        "metadata        {}",
+        share(st.meta_used_bytes(), st.meta_total_bytes())
+    );
+    let block = units::sectors_to_bytes(st.block_size);
+    println!("block size      {}", units::format_size(block));
+    let check = if st.needs_check { " (needs_check)" } else { "" };
+    println!("mode            {}{check}", st.mode);
+    println!("transaction id  {}", st.transaction_id);
+    println!(
+        "low-water mark  {} blocks ({})",
+        st.low_water_mark.0,
+        units::format_size(st.low_water_mark.0 * block)
+    );
+    match n {
+        Some(n) => println!("thin devices    {n}"),
+        None => println!("thin devices    unknown (the pool is not writable)"),
+    }
+    Ok(())
+}
+
+/// `thinsnap pool grow DATA [--metadata SIZE]`: DATA is a size or `+SIZE` to add.
+fn grow(config: &Config, data: &str, metadata: Option<&str>) -> Result<()> {
+    let pool = open(config)?;
+    let cur = pool.data_bytes()?;
+    let new = match data.strip_prefix('+') {
+        Some("0") => cur,
+        Some(add) => cur + units::parse_size(add)?,
+        None => units::parse_size(data)?,
+    };
+    let meta = metadata.map(units::parse_size).transpose()?;
+    pool.grow(new, meta)?;
+    println!(
+        "pool {} data: {} -> {}",
+        config.pool_name,
+        units::format_size(cur),
+        units::format_size(pool.data_bytes()?)
+    );
+    Ok(())
+}
+
+/// `thinsnap pool check`: exit 1 when the metadata is not consistent.
+fn check(config: &Config) -> Result<ExitCode> {
+    let pool = open(config)?;
+    match pool.check_metadata() {
+        Ok(report) => {
+            print!("{report}");
+            println!("pool {}: metadata is consistent", config.pool_name);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("pool {}: metadata check FAILED: {e}", config.pool_name);
+            eprintln!("stop thinsnap and containerd, deactivate the pool, and repair it with `thinsnap pool repair` (see docs/operations.md)");
+            Ok(ExitCode::from(1))
+        }
+    }
 }

@@ -6,7 +6,9 @@ use std::{collections::BTreeMap, process::ExitCode};
 use anyhow::{Context, Result};
 use thinpool::units::format_size;
 
-use crate::{config::Config, metrics, service::client::Client};
+use thinsnap_core::config::Config;
+
+use crate::{metrics, service::client::Client};
 
 /// Prints the summary (or, with `raw`, the metrics text).
 pub fn run(config: &Config, raw: bool) -> Result<ExitCode> {
@@ -89,6 +91,10 @@ pub fn run(config: &Config, raw: bool) -> Result<ExitCode> {
     println!(
         "thin devices    {}",
         get("thinsnap_thin_devices", "").unwrap_or(0.0)
+    );
+    println!(
+        "to reclaim      {} removed snapshot(s)' devices (discarded and deleted in the background)",
+        get("thinsnap_reclaim_pending", "").unwrap_or(0.0)
     );
     println!(
         "pool grows      {} data, {} metadata, {} failed{}",

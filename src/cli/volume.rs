@@ -1,5 +1,6 @@
 //! `thinsnap volume ...`: list, info, create, rm — Docker volumes, through the running
-//! daemon's volume plugin socket (what `docker volume` does through dockerd).
+//! daemon's volume plugin socket (what `docker volume` does through dockerd) — and resize,
+//! which Docker's protocol has no verb for, through the daemon's admin API.
 
 use std::{collections::BTreeMap, process::ExitCode};
 
@@ -8,7 +9,10 @@ use clap::Subcommand;
 use serde_json::{json, Value};
 
 use super::table;
-use crate::{config::Config, service::plugin_client::PluginClient};
+use thinsnap_core::config::Config;
+
+use crate::service::{client::Client, plugin_client::PluginClient};
+use thinpool::units;
 
 /// `thinsnap volume ...`
 #[derive(Debug, Subcommand)]
@@ -36,6 +40,14 @@ pub enum VolumeCmd {
         #[arg(short = 'o', long = "opt")]
         opts: Vec<String>,
     },
+    /// Grow a volume and its filesystem, online if containers have it mounted; volumes
+    /// cannot shrink.
+    Resize {
+        /// Volume name.
+        name: String,
+        /// New size: 20G, 1GiB, 512M (binary units; rounded up to a MiB).
+        size: String,
+    },
     /// Remove volumes; refuses while containers hold one mounted.
     #[command(alias = "remove")]
     Rm {
@@ -47,6 +59,9 @@ pub enum VolumeCmd {
 
 /// Runs a volume command.
 pub fn run(config: &Config, cmd: &VolumeCmd) -> Result<ExitCode> {
+    if let VolumeCmd::Resize { name, size } = cmd {
+        return resize(config, name, size);
+    }
     let Some(socket) = &config.volumes.socket else {
         bail!("the volume plugin is off: set `socket` under [volumes] in the configuration (e.g. \"/run/docker/plugins/thinsnap.sock\") and restart thinsnap");
     };
@@ -114,6 +129,7 @@ pub fn run(config: &Config, cmd: &VolumeCmd) -> Result<ExitCode> {
             c.call("VolumeDriver.Create", &json!({ "Name": name, "Opts": o }))?;
             println!("{name}");
         }
+        VolumeCmd::Resize { .. } => unreachable!("resize is handled above"),
         VolumeCmd::Rm { names } => {
             let mut failed = false;
             for n in names {
@@ -129,6 +145,23 @@ pub fn run(config: &Config, cmd: &VolumeCmd) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `thinsnap volume resize NAME SIZE`, through the daemon's admin API (the volume needs
+/// no plugin socket: volumes made while it was on are kept).
+fn resize(config: &Config, name: &str, size: &str) -> Result<ExitCode> {
+    let mut c = Client::connect(&config.socket)?;
+    let r = c.resize_volume(name, size)?;
+    let (before, now) = (
+        units::format_size(r.previous_size_bytes),
+        units::format_size(r.size_bytes),
+    );
+    if r.previous_size_bytes == r.size_bytes {
+        println!("{name}: {now} (already that size)");
+    } else {
+        println!("{name}: {before} -> {now}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -80,6 +80,9 @@ pub fn apply_layer<R: Read>(
         Mode::empty(),
     )
     .map_err(|e| Error::io("open", root, e.into()))?;
+    let space = nix::sys::statvfs::fstatvfs(&root_fd)
+        .map(|s| s.blocks().saturating_mul(s.fragment_size()))
+        .unwrap_or(u64::MAX);
     let mut a = Applier {
         root: root_fd,
         privileged: Uid::effective().is_root(),
@@ -91,6 +94,7 @@ pub fn apply_layer<R: Read>(
         euid: Uid::effective().as_raw(),
         egid: Gid::effective().as_raw(),
         umask: current_umask(),
+        space,
     };
     let mut tar = tar::Archive::new(Forward::new(stream));
     let entries = tar.entries_with_seek().map_err(|e| Error::LayerFormat {
@@ -106,7 +110,7 @@ pub fn apply_layer<R: Read>(
                 a.stats.entries
             ),
         })?;
-        a.entry(&mut entry)?;
+        a.entry(&mut entry, cancelled)?;
         a.stats.entries += 1;
     }
     a.finish_dirs()?;
@@ -438,6 +442,8 @@ struct Applier {
     egid: u32,
     /// The process's umask, if known.
     umask: Option<u32>,
+    /// Bytes the filesystem holds: no file of a layer can be larger.
+    space: u64,
 }
 
 impl Applier {
@@ -512,12 +518,23 @@ impl Applier {
             match self.open_dir(&prefix, flags) {
                 Ok(next) => fd = next,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    stat::mkdirat(&fd, cstr(comp).as_c_str(), Mode::from_bits_truncate(0o755))
-                        .map_err(|e| {
-                            Self::fail(entry, format!("create directory {}", show(&prefix)))(
-                                e.into(),
-                            )
-                        })?;
+                    let fail = |e: Errno| {
+                        Self::fail(entry, format!("create directory {}", show(&prefix)))(e.into())
+                    };
+                    let name = cstr(comp);
+                    stat::mkdirat(&fd, name.as_c_str(), Mode::from_bits_truncate(0o755))
+                        .map_err(fail)?;
+                    // Directories a layer implies are 0755 (as containerd makes them),
+                    // whatever the umask took away (ours is 0077).
+                    if self.umask.is_none_or(|u| u & 0o755 != 0) {
+                        stat::fchmodat(
+                            &fd,
+                            name.as_c_str(),
+                            Mode::from_bits_truncate(0o755),
+                            stat::FchmodatFlags::FollowSymlink,
+                        )
+                        .map_err(fail)?;
+                    }
                     self.mark(&prefix);
                     fd = self
                         .open_dir(&prefix, flags)
@@ -633,7 +650,11 @@ impl Applier {
         Ok(m)
     }
 
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<()> {
+    fn entry<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<()> {
         let raw = entry.path_bytes().into_owned();
         let shown = show(&raw);
         let rel = clean_path(&raw).map_err(|why| Error::Unsafe {
@@ -673,6 +694,21 @@ impl Applier {
         let fail = |op: &str| Self::fail(&shown, op.to_string());
         match kind {
             T::Regular | T::Continuous | T::GNUSparse => {
+                // A sparse entry declares its size apart from the data it carries: one larger
+                // than the filesystem is refused before anything is read.
+                let declared = entry
+                    .header()
+                    .as_gnu()
+                    .filter(|_| kind == T::GNUSparse)
+                    .and_then(|g| g.real_size().ok());
+                if let Some(size) = declared.filter(|s| *s > self.space) {
+                    return Err(Error::LayerFormat {
+                        what: format!(
+                            "entry {shown:?}: a sparse file of {size} bytes is larger than the whole filesystem ({} bytes)",
+                            self.space
+                        ),
+                    });
+                }
                 // New files are ours, with the directory's group if it is setgid.
                 let chown = self.privileged && (meta.uid != self.euid || meta.gid != new_gid);
                 // Made with their mode when nothing would change it afterwards: no owner
@@ -710,9 +746,18 @@ impl Applier {
                 let file = File::from(fd);
                 let expected = entry.size();
                 let sparse = kind == T::GNUSparse;
-                let written = self
-                    .write_data(&file, entry)
-                    .map_err(fail("write the file"))?;
+                let written = match self.write_data(&file, entry, cancelled) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                        return Err(Error::Interrupted)
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::FileTooLarge => {
+                        return Err(Error::LayerFormat {
+                            what: format!("entry {shown:?}: {e}"),
+                        })
+                    }
+                    Err(e) => return Err(fail("write the file")(e)),
+                };
                 if !sparse && written != expected {
                     return Err(Error::LayerFormat {
                         what: format!(
@@ -876,13 +921,32 @@ impl Applier {
 
     /// Writes a file's content, leaving all-zero blocks as holes (thin pools then store
     /// nothing for them). Returns the bytes read.
-    fn write_data(&mut self, file: &File, r: &mut dyn Read) -> io::Result<u64> {
+    fn write_data(
+        &mut self,
+        file: &File,
+        r: &mut dyn Read,
+        cancelled: &dyn Fn() -> bool,
+    ) -> io::Result<u64> {
         let mut off = 0u64;
         let mut end_written = 0u64;
         loop {
             let n = read_full(r, &mut self.buf)?;
             if n == 0 {
                 break;
+            }
+            // A sparse entry may declare any size for a few bytes of data: never more than
+            // the filesystem holds, and the import can be stopped inside it.
+            if off + n as u64 > self.space {
+                return Err(io::Error::new(
+                    io::ErrorKind::FileTooLarge,
+                    format!(
+                        "the file is larger than the whole filesystem ({} bytes)",
+                        self.space
+                    ),
+                ));
+            }
+            if off % (64 << 20) == 0 && off > 0 && cancelled() {
+                return Err(io::ErrorKind::Interrupted.into());
             }
             let data = &self.buf[..n];
             let mut run: Option<usize> = None;
@@ -1500,6 +1564,42 @@ mod tests {
         )
         .unwrap();
         assert!(root.join("usr/lib/libx.so").is_file());
+    }
+
+    #[test]
+    fn a_sparse_entry_larger_than_the_filesystem_is_refused_at_once() {
+        let d = tmp();
+        let mut h = tar::Header::new_gnu();
+        h.set_path("huge").unwrap();
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(512);
+        {
+            let g = h.as_gnu_mut().unwrap();
+            let petabyte: u64 = 1 << 50;
+            // GNU's base-256 form, for numbers beyond 11 octal digits.
+            let octal = |v: u64, out: &mut [u8; 12]| {
+                *out = [0; 12];
+                out[0] = 0x80;
+                out[4..].copy_from_slice(&v.to_be_bytes());
+            };
+            octal(petabyte - 512, &mut g.sparse[0].offset);
+            octal(512, &mut g.sparse[0].numbytes);
+            octal(petabyte, &mut g.realsize);
+        }
+        h.set_cksum();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append(&h, &[1u8; 512][..]).unwrap();
+        let bytes = b.into_inner().unwrap();
+        let e = apply_layer(d.path(), &bytes[..], &|| false).unwrap_err();
+        assert!(
+            e.to_string().contains("larger than the whole filesystem"),
+            "{e}"
+        );
+        assert!(!d.path().join("huge").exists());
     }
 
     #[test]

@@ -581,8 +581,9 @@ impl Archive {
         }
         let index: Index = self.json("index.json", "image index", None)?;
         let mut found = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for d in &index.manifests {
-            self.collect(d, ref_names(d), 0, &mut found)?;
+            self.collect(d, ref_names(d), 0, &mut found, &mut seen)?;
         }
         let chosen = self.choose(found, want)?;
         let (name, digest) = self.blob_name(&chosen.desc.digest)?;
@@ -637,13 +638,16 @@ impl Archive {
         })
     }
 
-    /// Collects the image manifests reachable from descriptor `d`.
+    /// Collects the image manifests reachable from descriptor `d`. Each nested index is
+    /// read once (`seen`), however many descriptors name it: a crafted archive whose indexes
+    /// name each other many times over cannot make the walk exponential.
     fn collect(
         &self,
         d: &Descriptor,
         names: Vec<String>,
         depth: usize,
         out: &mut Vec<Candidate>,
+        seen: &mut std::collections::HashSet<String>,
     ) -> Result<()> {
         let sniffed;
         let mut mt = d.media_type.as_deref();
@@ -681,11 +685,14 @@ impl Archive {
                 // A multi-platform index whose other platforms were not saved.
                 return Ok(());
             }
+            if !seen.insert(name.clone()) {
+                return Ok(());
+            }
             let nested: Index = self.json(&name, "image index", Some((&digest, d.size)))?;
             for n in &nested.manifests {
                 let mut names = names.clone();
                 names.extend(ref_names(n));
-                self.collect(n, names, depth + 1, out)?;
+                self.collect(n, names, depth + 1, out, seen)?;
             }
         }
         Ok(())
@@ -1104,6 +1111,33 @@ mod tests {
         s.read_to_end(&mut out).unwrap();
         s.finish()?;
         Ok(out)
+    }
+
+    #[test]
+    fn indexes_naming_each_other_many_times_are_read_once() {
+        let (mut files, _) = oci(false);
+        // index.json -> a x300 -> b x300 -> c x300 -> the image's index: 300^3 paths.
+        let (pos, _) = files
+            .iter()
+            .enumerate()
+            .find(|(_, (n, _))| n == "index.json")
+            .unwrap();
+        let (_, top) = files.remove(pos);
+        let top: serde_json::Value = serde_json::from_slice(&top).unwrap();
+        let mut inner = top["manifests"][0].clone();
+        for _ in 0..3 {
+            let many: Vec<serde_json::Value> = (0..300).map(|_| inner.clone()).collect();
+            let idx = json!({"schemaVersion": 2, "manifests": many});
+            inner = blob(&mut files, serde_json::to_vec(&idx).unwrap());
+            inner["mediaType"] = OCI_INDEX.into();
+        }
+        files.push((
+            "index.json".into(),
+            serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [inner]})).unwrap(),
+        ));
+        let (_d, p) = archive_file(&files);
+        let img = Archive::open(&p).unwrap().image(None).unwrap();
+        assert_eq!(img.layers.len(), 2);
     }
 
     #[test]

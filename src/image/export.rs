@@ -10,6 +10,13 @@
 //!   holds anything, or differs, is exported like any directory.
 //! - `security.selinux` xattrs: labels of this host, not of the image.
 //! - sockets, which tar cannot hold (skipped with a warning).
+//!
+//! The tree is walked by directory descriptors, never by paths: every entry is reached as
+//! `/proc/self/fd/<directory fd>/<name>` (the directory by its open descriptor, then one
+//! component that is never followed), directories are opened `O_DIRECTORY|O_NOFOLLOW`,
+//! files `O_NOFOLLOW`, and each opened object must be the one that was stat'ed. A running
+//! container that swaps a directory for a symlink (to `/`, say) while its snapshot is
+//! exported gets a symlink in the tar, or an error, never files from outside the snapshot.
 
 use std::{
     collections::HashMap,
@@ -53,9 +60,10 @@ pub fn write_tar<W: Write>(
         stats: ExportStats::default(),
         cancelled,
     };
-    let md = fs::symlink_metadata(root).map_err(|e| Error::io("stat", root, e))?;
-    w.add(root, b"./", &md)?;
-    w.walk(root, &[], true)?;
+    let dir = open_dir(root).map_err(|e| Error::io("open", root, e))?;
+    let md = dir.metadata().map_err(|e| Error::io("stat", root, e))?;
+    w.add(&Entry::root(&dir, root), b"./", &md)?;
+    w.walk(&dir, root, &[], true)?;
     w.tar
         .into_inner()
         .and_then(|mut o| o.flush())
@@ -70,6 +78,54 @@ fn is_mkfs_lost_found(path: &Path, md: &Metadata) -> bool {
         && md.gid() == 0
         && md.mode() & 0o7777 == 0o700
         && fs::read_dir(path).is_ok_and(|mut d| d.next().is_none())
+}
+
+/// Opens directory `path` without following a symlink in its last component.
+fn open_dir(path: &Path) -> io::Result<File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// One entry of the tree: `/proc/self/fd/<dir fd>/<name>`, which reaches the entry through
+/// the open directory (never by its path from the root), and its path for messages.
+struct Entry {
+    at: std::path::PathBuf,
+    shown: std::path::PathBuf,
+}
+
+impl Entry {
+    fn root(dir: &File, root: &Path) -> Entry {
+        use std::os::fd::AsRawFd;
+        Entry {
+            // "." so that the xattrs read are the directory's, not the fd link's.
+            at: format!("/proc/self/fd/{}/.", dir.as_raw_fd()).into(),
+            shown: root.to_path_buf(),
+        }
+    }
+
+    fn child(dir: &File, shown_dir: &Path, name: &[u8]) -> Entry {
+        use std::os::fd::AsRawFd;
+        let name = OsStr::from_bytes(name);
+        Entry {
+            at: Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name),
+            shown: shown_dir.join(name),
+        }
+    }
+}
+
+/// Fails unless `opened` is the object `md` describes (it was not swapped in between).
+fn same_object(opened: &File, md: &Metadata, shown: &Path) -> Result<()> {
+    let now = opened.metadata().map_err(|e| Error::io("stat", shown, e))?;
+    if (now.dev(), now.ino()) != (md.dev(), md.ino()) {
+        return Err(Error::io(
+            "export",
+            shown,
+            io::Error::other("it was replaced while it was exported (export a committed snapshot, or stop the container)"),
+        ));
+    }
+    Ok(())
 }
 
 /// The xattrs of `path` (not following a symlink), sorted by name.
@@ -156,20 +212,26 @@ struct Writer<'c, W: Write> {
 }
 
 impl<W: Write> Writer<'_, W> {
-    fn walk(&mut self, dir: &Path, rel: &[u8], at_root: bool) -> Result<()> {
-        let mut names: Vec<Vec<u8>> = fs::read_dir(dir)
-            .map_err(|e| Error::io("list", dir, e))?
+    fn walk(&mut self, dir: &File, shown: &Path, rel: &[u8], at_root: bool) -> Result<()> {
+        let here = Entry::root(dir, shown);
+        let mut names: Vec<Vec<u8>> = fs::read_dir(&here.at)
+            .map_err(|e| Error::io("list", shown, e))?
             .map(|e| e.map(|e| e.file_name().as_bytes().to_vec()))
             .collect::<io::Result<_>>()
-            .map_err(|e| Error::io("list", dir, e))?;
+            .map_err(|e| Error::io("list", shown, e))?;
         names.sort();
         for name in names {
             if (self.cancelled)() {
                 return Err(Error::Interrupted);
             }
-            let path = dir.join(OsStr::from_bytes(&name));
-            let md = fs::symlink_metadata(&path).map_err(|e| Error::io("stat", &path, e))?;
-            if at_root && name == b"lost+found" && is_mkfs_lost_found(&path, &md) {
+            let entry = Entry::child(dir, shown, &name);
+            let md = match fs::symlink_metadata(&entry.at) {
+                Ok(md) => md,
+                // Removed since it was listed (a running container's snapshot).
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("stat", &entry.shown, e)),
+            };
+            if at_root && name == b"lost+found" && is_mkfs_lost_found(&entry.at, &md) {
                 continue;
             }
             let mut child = rel.to_vec();
@@ -177,19 +239,22 @@ impl<W: Write> Writer<'_, W> {
                 child.push(b'/');
             }
             child.extend_from_slice(&name);
-            self.add(&path, &child, &md)?;
+            self.add(&entry, &child, &md)?;
             if md.is_dir() {
-                self.walk(&path, &child, false)?;
+                let sub = open_dir(&entry.at).map_err(|e| Error::io("open", &entry.shown, e))?;
+                same_object(&sub, &md, &entry.shown)?;
+                self.walk(&sub, &entry.shown, &child, false)?;
             }
         }
         Ok(())
     }
 
-    fn add(&mut self, path: &Path, name: &[u8], md: &Metadata) -> Result<()> {
+    fn add(&mut self, entry: &Entry, name: &[u8], md: &Metadata) -> Result<()> {
+        let (path, shown) = (entry.at.as_path(), entry.shown.as_path());
         let ft = md.file_type();
-        let io_err = |e| Error::io("export", path, e);
+        let io_err = |e| Error::io("export", shown, e);
         if ft.is_socket() {
-            tracing::warn!(path = %path.display(), "skipping a socket: tar cannot hold it");
+            tracing::warn!(path = %shown.display(), "skipping a socket: tar cannot hold it");
             return Ok(());
         }
         let mut h = tar::Header::new_gnu();
@@ -205,7 +270,7 @@ impl<W: Write> Writer<'_, W> {
                 format!("{}.{:09}", md.mtime(), md.mtime_nsec()).into_bytes(),
             ));
         }
-        for (k, v) in xattrs(path).map_err(|e| Error::io("read xattrs of", path, e))? {
+        for (k, v) in xattrs(path).map_err(|e| Error::io("read xattrs of", shown, e))? {
             pax.push((format!("SCHILY.xattr.{}", String::from_utf8_lossy(&k)), v));
         }
         let name_path = Path::new(OsStr::from_bytes(name));
@@ -251,6 +316,7 @@ impl<W: Write> Writer<'_, W> {
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(path)
                 .map_err(io_err)?;
+            same_object(&file, md, shown)?;
             h.set_entry_type(tar::EntryType::Regular);
             h.set_size(md.len());
             self.tar
@@ -350,6 +416,60 @@ mod tests {
         }
         walk(root, root, &mut out, &mut inodes);
         out
+    }
+
+    #[test]
+    fn a_directory_swapped_for_a_symlink_never_exports_what_is_outside() {
+        use std::sync::{
+            atomic::{AtomicBool, AtomicU64, Ordering},
+            Arc,
+        };
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        let outside = d.path().join("outside");
+        fs::create_dir_all(root.join("dir")).unwrap();
+        fs::create_dir(&outside).unwrap();
+        // The same names inside and outside: a walk that goes by path reads the host's
+        // file whenever `dir` is a symlink at that moment.
+        for i in 0..500 {
+            fs::write(root.join(format!("dir/f{i:03}")), b"inside").unwrap();
+            fs::write(outside.join(format!("f{i:03}")), b"SECRET").unwrap();
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let swaps = Arc::new(AtomicU64::new(0));
+        // What a container does to its own snapshot while it is exported.
+        let swapper = {
+            let (root, outside, stop, swaps) =
+                (root.clone(), outside.clone(), stop.clone(), swaps.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    fs::rename(root.join("dir"), root.join("dir.real")).unwrap();
+                    symlink(&outside, root.join("dir")).unwrap();
+                    std::thread::sleep(std::time::Duration::from_micros(300));
+                    fs::remove_file(root.join("dir")).unwrap();
+                    fs::rename(root.join("dir.real"), root.join("dir")).unwrap();
+                    std::thread::sleep(std::time::Duration::from_micros(300));
+                    swaps.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let (mut ok, mut failed) = (0, 0);
+        let started = std::time::Instant::now();
+        while ok < 50 && started.elapsed().as_secs() < 20 {
+            let mut out = Vec::new();
+            match write_tar(&root, &mut out, &|| false) {
+                Ok(_) => {
+                    ok += 1;
+                    let leaked = out.windows(6).any(|w| w == b"SECRET");
+                    assert!(!leaked, "a host file's content is in the export");
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        swapper.join().unwrap();
+        assert!(swaps.load(Ordering::Relaxed) > 50, "the race ran");
+        assert!(ok > 0, "{failed} exports failed, none succeeded");
     }
 
     #[test]

@@ -16,7 +16,6 @@ pub mod export;
 #[cfg(test)]
 mod hostile;
 pub(crate) mod mount;
-pub mod owner;
 mod readahead;
 mod verify;
 mod writeback;
@@ -36,20 +35,13 @@ pub use digest::Digest;
 pub use error::{BackendError, Error, Result};
 pub use export::ExportStats;
 
+pub use thinsnap_core::labels::{EXPORTING_LABEL, IMAGE_LABEL, IMPORTING_LABEL};
+use thinsnap_core::process;
+
 use crate::service::{api::Mount, client::Client};
 use archive::Archive;
 use mount::TempMount;
-use thinpool::failpoint::hit as fp;
-
-/// Label on every layer snapshot an import commits: the image it came with (the `--ref`
-/// given, else the name the archive records, else the archive's file name).
-pub const IMAGE_LABEL: &str = "containerd.io/snapshot/thinsnap.image";
-/// Label on the active snapshot of a layer being imported: the importing process
-/// ([`owner`]); the daemon removes the snapshot once that process is gone.
-pub const IMPORTING_LABEL: &str = "containerd.io/snapshot/thinsnap.importing";
-/// Label on the temporary view an export reads a committed snapshot through: the exporting
-/// process ([`owner`]), as for [`IMPORTING_LABEL`].
-pub const EXPORTING_LABEL: &str = "containerd.io/snapshot/thinsnap.exporting";
+use thinpool::{failpoint::hit as fp, MountDir};
 
 /// The kind of a snapshot, as the snapshotter reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,6 +278,18 @@ fn labels(kv: &[(&str, &str)]) -> HashMap<String, String> {
         .collect()
 }
 
+/// Creates `path`, which must not exist (nor be a symlink someone planted), mode 0600.
+fn create_new_private(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io("create", path, e))
+}
+
 /// Imports the image in the archive at `archive_path` (`reference` names it, and chooses
 /// among several); see the module docs.
 ///
@@ -296,6 +300,7 @@ fn labels(kv: &[(&str, &str)]) -> HashMap<String, String> {
 /// asked.
 pub fn import(
     backend: &mut dyn Backend,
+    mounts: &MountDir,
     archive_path: &Path,
     reference: Option<&str>,
     progress: &mut dyn Progress,
@@ -380,7 +385,7 @@ pub fn import(
             &format!("layer {}/{total} {}", i + 1, layer.chain_id.short()),
             layer.size,
         );
-        match import_layer(backend, &archive, layer, parent, &name, progress) {
+        match import_layer(backend, mounts, &archive, layer, parent, &name, progress) {
             Ok(r) => {
                 progress.done(&format!(
                     "layer {}/{total} {} imported: {} files, {:.1} MB ({}) in {:.1} s",
@@ -425,6 +430,7 @@ struct LayerFailure {
 /// Imports one layer.
 fn import_layer(
     backend: &mut dyn Backend,
+    dirs: &MountDir,
     archive: &Archive,
     layer: &archive::Layer,
     parent: &str,
@@ -442,7 +448,7 @@ fn import_layer(
         .prepare(
             &key,
             parent,
-            labels(&[(IMPORTING_LABEL, &owner::current())]),
+            labels(&[(IMPORTING_LABEL, &process::current())]),
         )
         .map_err(|e| {
             let on = if parent.is_empty() {
@@ -459,7 +465,7 @@ fn import_layer(
             }
         })?;
     fp("import.after-prepare");
-    let filled = fill(archive, layer, &mounts, progress);
+    let filled = fill(dirs, archive, layer, &mounts, progress);
     let done = filled.and_then(|r| {
         backend
             .commit(
@@ -506,6 +512,7 @@ fn import_layer(
 /// is read, decompressed and hashed on a thread of its own ([`readahead`]), ahead of the
 /// applying; what is applied is written back on another ([`writeback`]), meanwhile.
 fn fill(
+    dirs: &MountDir,
     archive: &Archive,
     layer: &archive::Layer,
     mounts: &[MountSpec],
@@ -517,7 +524,7 @@ fn fill(
             "the snapshotter returned no mount",
         )
     })?;
-    let mnt = TempMount::new("import", m, &["nodev", "nosuid", "noexec"])?;
+    let mnt = TempMount::new(dirs, "import", m, &[])?;
     fp("import.after-mount");
     // Blob bytes read (by the read-ahead thread), and how many of them were reported.
     let read = AtomicU64::new(0);
@@ -573,6 +580,7 @@ fn fill(
 /// [`Error::Mount`], [`Error::Io`] otherwise.
 pub fn export(
     backend: &mut dyn Backend,
+    dirs: &MountDir,
     key: &str,
     out: &Path,
     progress: &mut dyn Progress,
@@ -589,7 +597,11 @@ pub fn export(
     let (mounts, view) = if kind == Kind::Committed {
         let view = format!("export-{}-{:08x}", std::process::id(), mount::random());
         let m = backend
-            .view(&view, key, labels(&[(EXPORTING_LABEL, &owner::current())]))
+            .view(
+                &view,
+                key,
+                labels(&[(EXPORTING_LABEL, &process::current())]),
+            )
             .map_err(|e| Error::backend(format!("cannot make a view of {key}"), e))?;
         (m, Some(view))
     } else {
@@ -598,7 +610,7 @@ pub fn export(
             .map_err(|e| Error::backend(format!("cannot get the mounts of {key}"), e))?;
         (m, None)
     };
-    let res = write_out(&mounts, out, progress);
+    let res = write_out(dirs, &mounts, out, progress);
     if let Some(view) = view {
         if let Err(e) = backend.remove(&view) {
             let e = Error::backend(
@@ -614,7 +626,12 @@ pub fn export(
     res
 }
 
-fn write_out(mounts: &[MountSpec], out: &Path, progress: &mut dyn Progress) -> Result<ExportStats> {
+fn write_out(
+    dirs: &MountDir,
+    mounts: &[MountSpec],
+    out: &Path,
+    progress: &mut dyn Progress,
+) -> Result<ExportStats> {
     let m = mounts.first().ok_or_else(|| {
         Error::backend(
             "cannot mount the snapshot",
@@ -623,11 +640,11 @@ fn write_out(mounts: &[MountSpec], out: &Path, progress: &mut dyn Progress) -> R
     })?;
     // An active snapshot mounted read-write elsewhere cannot be mounted read-only again
     // (same superblock): then it is mounted as it is.
-    let mnt = match TempMount::new("export", m, &["ro", "nodev", "nosuid", "noexec"]) {
+    let mnt = match TempMount::new(dirs, "export", m, &["ro"]) {
         Ok(mnt) => mnt,
         Err(_) if !m.options.iter().any(|o| o == "ro") => {
             tracing::warn!("exporting an active snapshot in use: changes made meanwhile may or may not be included");
-            TempMount::new("export", m, &["nodev", "nosuid", "noexec"])?
+            TempMount::new(dirs, "export", m, &[])?
         }
         Err(e) => return Err(e),
     };
@@ -647,7 +664,7 @@ fn write_out(mounts: &[MountSpec], out: &Path, progress: &mut dyn Progress) -> R
             name.to_string_lossy(),
             std::process::id()
         ));
-        let file = std::fs::File::create(&partial).map_err(|e| Error::io("create", &partial, e))?;
+        let file = create_new_private(&partial)?;
         let written = (|| {
             let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
             let stats = export::write_tar(mnt.path(), &mut w, &cancelled)?;
@@ -665,4 +682,25 @@ fn write_out(mounts: &[MountSpec], out: &Path, progress: &mut dyn Progress) -> R
     };
     mnt.unmount()?;
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_partial_export_file_is_new_and_never_a_planted_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("target");
+        std::fs::write(&target, b"keep").unwrap();
+        let planted = d.path().join(".out.tar.partial-1");
+        std::os::unix::fs::symlink(&target, &planted).unwrap();
+        assert!(create_new_private(&planted).is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        let fresh = d.path().join("fresh");
+        create_new_private(&fresh).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o777, 0o600);
+        assert!(create_new_private(&fresh).is_err(), "never reused");
+    }
 }

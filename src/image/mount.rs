@@ -1,13 +1,10 @@
-//! Private temporary mount points for the snapshots an import fills or an export reads:
-//! a fresh mode-0700 directory under the temporary directory, unmounted and removed when
-//! done (or dropped).
+//! Private temporary mount points for the snapshots an import fills or an export reads: a
+//! fresh directory in thinsnap's private mount directory (`<runtime_dir>/mnt`, mode 0700),
+//! mounted nosuid,nodev,noexec, unmounted and removed when done (or dropped).
 
-use std::{
-    os::unix::fs::DirBuilderExt,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
-use thinpool::FsType;
+use thinpool::{FsType, MountDir};
 
 use super::{
     error::{Error, Result},
@@ -34,28 +31,23 @@ pub(crate) fn random() -> u32 {
 }
 
 impl TempMount {
-    /// Mounts `m` at a new directory named for `purpose`, adding `extra` options (e.g.
-    /// `ro`, `nodev`).
+    /// Mounts `m` at a new directory of `dirs` named for `purpose`, with `extra` options
+    /// (e.g. `ro`) and always nosuid,nodev,noexec.
     ///
     /// # Errors
     /// [`Error::Io`] when the directory cannot be made; [`Error::Mount`] when mounting
     /// fails (the directory is removed again).
-    pub fn new(purpose: &str, m: &MountSpec, extra: &[&str]) -> Result<TempMount> {
+    pub fn new(dirs: &MountDir, purpose: &str, m: &MountSpec, extra: &[&str]) -> Result<TempMount> {
         let fs: FsType = m.fs_type.parse().map_err(|e| Error::Mount {
             op: format!("the snapshotter returned a {} mount", m.fs_type),
             source: e,
         })?;
-        let dir = std::env::temp_dir().join(format!(
-            "thinsnap-{purpose}-{}-{:08x}",
-            std::process::id(),
-            random()
-        ));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| Error::io("create mount point", &dir, e))?;
+        let dir = dirs.create(purpose).map_err(|e| Error::Mount {
+            op: "cannot make a private mount point".into(),
+            source: e,
+        })?;
         let mut options = m.options.clone();
-        for o in extra {
+        for o in extra.iter().chain(&thinpool::mountdir::PRIVATE_OPTIONS) {
             if !options.iter().any(|x| x == o) {
                 options.push((*o).to_string());
             }

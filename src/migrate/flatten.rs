@@ -17,6 +17,7 @@
 //! After a crash either step is simply run again: it continues where it stopped.
 
 use std::{
+    ffi::{OsStr, OsString},
     fs::{self, File},
     path::Path,
 };
@@ -54,10 +55,11 @@ fn is_empty_dir(path: &Path) -> Result<bool> {
         .is_none())
 }
 
-fn names(dir: &Path) -> Result<Vec<String>> {
-    let mut n: Vec<String> = fs::read_dir(dir)
+/// The names in `dir`, as they are (an image's file names need not be UTF-8).
+fn names(dir: &Path) -> Result<Vec<OsString>> {
+    let mut n: Vec<OsString> = fs::read_dir(dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
-        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .map(|e| e.map(|e| e.file_name()))
         .collect::<std::io::Result<_>>()
         .with_context(|| format!("cannot list {}", dir.display()))?;
     n.sort();
@@ -82,11 +84,14 @@ pub fn stage(root: &Path) -> Result<()> {
     let rootfs = root.join(ROOTFS);
     let staging = root.join(STAGING);
     for n in &top {
-        if ![ID, ROOTFS, LOST_FOUND, STAGING].contains(&n.as_str()) {
+        if ![ID, ROOTFS, LOST_FOUND, STAGING]
+            .iter()
+            .any(|k| OsStr::new(k) == n.as_os_str())
+        {
             bail!("its filesystem has {n:?} beside Docker's rootfs/ (Docker keeps only id, rootfs and lost+found there): move it into rootfs/ or out of the way, then run the migration again");
         }
     }
-    let has = |n: &str| top.iter().any(|t| t == n);
+    let has = |n: &str| top.iter().any(|t| t.as_os_str() == OsStr::new(n));
     if has(STAGING) {
         if has(ROOTFS) {
             bail!("its filesystem has both rootfs/ and {STAGING}/ at the top: it was changed by something else since the migration began; look at it with `thinsnap snapshot mount`");
@@ -157,9 +162,9 @@ pub fn move_up(root: &Path) -> Result<usize> {
         }
         renameat2(
             &from,
-            n.as_str(),
+            n.as_os_str(),
             &top,
-            n.as_str(),
+            n.as_os_str(),
             RenameFlags::RENAME_NOREPLACE,
         )
         .with_context(|| format!("cannot move {} up", staging.join(&n).display()))?;
@@ -190,6 +195,7 @@ mod tests {
         let mut out = Vec::new();
         for n in names(d).unwrap() {
             let p = d.join(&n);
+            let n = n.to_string_lossy();
             if p.is_dir() {
                 out.push(format!("{n}/"));
                 out.extend(tree(&p).into_iter().map(|c| format!("{n}/{c}")));
@@ -260,6 +266,18 @@ mod tests {
         let e = stage(d.path()).unwrap_err();
         assert!(e.to_string().contains("\"stray\""), "{e}");
         assert!(d.path().join("id").exists() && d.path().join("rootfs").exists());
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_move_up_as_they_are() {
+        use std::os::unix::ffi::OsStrExt;
+        let d = tempfile::tempdir().unwrap();
+        docker_fs(d.path());
+        let odd = OsStr::from_bytes(b"caf\xe9");
+        fs::write(d.path().join("rootfs").join(odd), "latin-1").unwrap();
+        stage(d.path()).unwrap();
+        assert_eq!(move_up(d.path()).unwrap(), 4);
+        assert_eq!(fs::read_to_string(d.path().join(odd)).unwrap(), "latin-1");
     }
 
     #[test]

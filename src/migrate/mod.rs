@@ -37,11 +37,12 @@ use self::{
     plan::{Adopt, Plan, Role},
     source::DockerPool,
 };
-use crate::{
+use thinsnap_core::{
     config::Config,
-    service::StateLock,
-    snapshotter::Snapshotter,
-    store::{Kind, Record, State, Store, Usage, META_JOB_PENDING},
+    labels::{KEEP_LABEL, REF_LABEL},
+    state::StateLock,
+    store::{Base, Device, Kind, Record, State, Store, Usage},
+    Engine,
 };
 
 /// The job's name in the store.
@@ -131,7 +132,7 @@ pub fn run(config_path: &Path, opts: &Options, out: &mut dyn Write) -> Result<()
                 "resuming the unfinished migration from {}",
                 root.display()
             )?;
-            let snap = Snapshotter::open(config).context("cannot open the pool")?;
+            let snap = Engine::open(config).context("cannot open the pool")?;
             return finish(&snap, job, out);
         }
     }
@@ -149,7 +150,14 @@ pub fn run(config_path: &Path, opts: &Options, out: &mut dyn Write) -> Result<()
         (None, None) => bail!("Docker's metadata does not record its filesystem (BaseDeviceFilesystem; Docker before 1.10): pass it with --filesystem ext4|xfs"),
     };
     let (view, block_size) = source::view(&dp, &config.pool_name)?;
-    let plan = plan::build(&layout, &view, docker_fs, config.filesystem)?;
+    // A configuration the migration writes names Docker's filesystem (`config_lines`), so
+    // Docker's base device becomes thinsnap's base device: the plan shown must say so too.
+    let target_fs = if config_exists {
+        config.filesystem
+    } else {
+        docker_fs
+    };
+    let plan = plan::build(&layout, &view, docker_fs, target_fs)?;
 
     writeln!(out, "Docker's devicemapper storage in {}:", root.display())?;
     writeln!(
@@ -246,20 +254,20 @@ pub fn run(config_path: &Path, opts: &Options, out: &mut dyn Write) -> Result<()
         }
     }
     fp("migrate.after-deactivate");
-    let snap = Snapshotter::open(config.clone()).context("cannot open the pool")?;
-    let pool = snap.pool();
+    let snap = Engine::open(config.clone()).context("cannot open the pool")?;
+    let pv = snap.pool_view()?;
     let view = plan::PoolView {
-        transaction_id: pool.transaction_id()?,
-        thin_ids: pool.thin_ids()?.into_iter().map(ThinId::get).collect(),
+        transaction_id: pv.transaction_id,
+        thin_ids: pv.thin_ids.into_iter().map(ThinId::get).collect(),
     };
     let plan = plan::build(&layout, &view, docker_fs, config.filesystem)?;
     for d in plan.deletes.iter().filter(|d| d.in_pool) {
-        pool.delete_thin(ThinId::new(d.thin_id)?)
+        snap.delete_unadopted(ThinId::new(d.thin_id)?)
             .with_context(|| format!("cannot delete thin id {} ({})", d.thin_id, d.why))?;
         writeln!(out, "deleted thin id {}: {}", d.thin_id, d.why)?;
     }
     fp("migrate.after-delete");
-    let job = record(&snap, &root, &plan, view.transaction_id)?;
+    let job = record(&snap, &root, &plan)?;
     fp("migrate.after-record");
     writeln!(
         out,
@@ -321,24 +329,29 @@ fn write_config(path: &Path, root: &Path, lines: &str) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn to_record(a: &Adopt, txn: u64) -> Record {
+fn to_record(a: &Adopt) -> Result<Record> {
     let mut labels = BTreeMap::new();
     if let Some(h) = &a.docker_hash {
         let h = if h.is_empty() { "base" } else { h };
         labels.insert(plan::DOCKER_DEVICE_LABEL.to_string(), h.to_string());
     }
-    let mut r = Record::new(
+    if a.role == Role::Layer {
+        // How containerd finds a layer a snapshotter already has: its pull unpacker's
+        // Prepare carries this label, and on AlreadyExists containerd looks for a committed
+        // snapshot with the same label and parent; without it the pull fails (NotFound).
+        labels.insert(REF_LABEL.to_string(), a.key.clone());
+    }
+    // containerd knows none of them: its garbage collector would remove them all.
+    labels.insert(KEEP_LABEL.to_string(), JOB.to_string());
+    let mut device = Device::creating(ThinId::new(a.thin_id)?, a.size, a.fs);
+    device.state = State::Ready;
+    Ok(Record::new(
         &a.key,
         a.kind,
         a.parent.clone(),
         labels,
-        a.thin_id,
-        a.size,
-        a.fs.as_str(),
-        txn,
-    );
-    r.state = State::Ready;
-    r
+        device,
+    ))
 }
 
 fn summary(plan: &Plan) -> Vec<String> {
@@ -383,8 +396,8 @@ fn summary(plan: &Plan) -> Vec<String> {
 }
 
 /// The store transaction that makes the plan thinsnap's: every record, the base device,
-/// the next thin id, the pool's transaction id and the job.
-fn record(snap: &Snapshotter, root: &Path, plan: &Plan, txn: u64) -> Result<Job> {
+/// the next thin id and the job.
+fn record(snap: &Engine, root: &Path, plan: &Plan) -> Result<Job> {
     let mut job = Job {
         root: root.to_path_buf(),
         finished: false,
@@ -392,12 +405,14 @@ fn record(snap: &Snapshotter, root: &Path, plan: &Plan, txn: u64) -> Result<Job>
         report: summary(plan),
         problems: plan.problems.clone(),
     };
-    let mut tx = snap.store().write()?;
-    if let Some(b) = &plan.base {
-        tx.put_base(&to_record(b, txn))?;
-    }
+    let base = plan
+        .base
+        .as_ref()
+        .map(|b| to_record(b).map(|r| Base::new(r.device)))
+        .transpose()?;
+    let mut records = Vec::with_capacity(plan.snapshots.len());
     for a in &plan.snapshots {
-        tx.put(&to_record(a, txn))?;
+        records.push(to_record(a)?);
         job.pending.insert(
             a.thin_id,
             Pending {
@@ -411,38 +426,37 @@ fn record(snap: &Snapshotter, root: &Path, plan: &Plan, txn: u64) -> Result<Job>
             },
         );
     }
-    tx.set_meta("next_thin_id", u64::from(plan.next_thin_id))?;
-    tx.set_meta("pool_txn", txn)?;
-    tx.set_meta(META_JOB_PENDING, 1)?;
-    tx.put_job(JOB, &serde_json::to_vec(&job)?)?;
-    tx.commit()?;
+    snap.adopt(
+        base.as_ref(),
+        &records,
+        plan.next_thin_id,
+        JOB,
+        &serde_json::to_vec(&job)?,
+    )?;
     Ok(job)
 }
 
-fn save(snap: &Snapshotter, job: &Job, record: Option<&Record>) -> Result<()> {
-    let mut tx = snap.store().write()?;
-    if let Some(r) = record {
-        tx.put(r)?;
-    }
-    tx.put_job(JOB, &serde_json::to_vec(job)?)?;
-    tx.set_meta(META_JOB_PENDING, u64::from(!job.finished))?;
-    tx.commit()?;
+fn save(snap: &Engine, job: &Job, record: Option<&Record>) -> Result<()> {
+    snap.save_job(JOB, &serde_json::to_vec(job)?, job.finished, record)?;
     Ok(())
 }
 
 /// Flattens and measures every pending filesystem, activates the container snapshots and
 /// marks the job finished.
-fn finish(snap: &Snapshotter, mut job: Job, out: &mut dyn Write) -> Result<()> {
-    let mnt = std::env::temp_dir().join(format!("thinsnap-migrate-{}", std::process::id()));
+fn finish(snap: &Engine, mut job: Job, out: &mut dyn Write) -> Result<()> {
+    // A run killed while a filesystem was mounted left that mount behind.
+    let dirs = snap.config().temp_mounts()?;
+    for stale in dirs.stale()? {
+        dirs.remove(&stale)?;
+    }
     let total = job.pending.len();
     let ids: Vec<u32> = job.pending.keys().copied().collect();
     for (n, id) in ids.into_iter().enumerate() {
         let p = job.pending[&id].clone();
-        let mut rec =
-            snap.store().read()?.get(&p.key)?.with_context(|| {
-                format!("the store lost snapshot {:?} during the migration", p.key)
-            })?;
-        let res = process(snap, &rec, p.step, &mnt, &mut || {
+        let mut rec = snap
+            .snapshot_record(&p.key)?
+            .with_context(|| format!("the store lost snapshot {:?} during the migration", p.key))?;
+        let res = process(snap, &rec, p.step, &dirs, &mut || {
             if let Some(e) = job.pending.get_mut(&id) {
                 e.step = Step::Move;
             }
@@ -470,7 +484,6 @@ fn finish(snap: &Snapshotter, mut job: Job, out: &mut dyn Write) -> Result<()> {
                 save(snap, &job, None)?;
             }
             Err(e) => {
-                let _ = std::fs::remove_dir(&mnt);
                 return Err(e.context(format!(
                     "cannot make the rootfs/ of {} (thin id {id}) its root; fix the cause and run the migration again to continue",
                     p.key
@@ -478,14 +491,7 @@ fn finish(snap: &Snapshotter, mut job: Job, out: &mut dyn Write) -> Result<()> {
             }
         }
     }
-    let _ = std::fs::remove_dir(&mnt);
-    for r in snap.store().read()?.all()? {
-        if r.kind == Kind::Active && r.state == State::Ready {
-            snap.pool()
-                .activate(ThinId::new(r.thin_id)?, units::bytes_to_sectors(r.size))
-                .with_context(|| format!("cannot activate snapshot {:?}", r.key))?;
-        }
-    }
+    snap.activate_actives()?;
     job.finished = true;
     save(snap, &job, None)?;
     let note = job.root.join("devicemapper").join(NOTE);
@@ -507,54 +513,37 @@ fn finish(snap: &Snapshotter, mut job: Job, out: &mut dyn Write) -> Result<()> {
 
 /// Activates one adopted device, runs its pending step(s), measures it and deactivates it.
 fn process(
-    snap: &Snapshotter,
+    snap: &Engine,
     rec: &Record,
     step: Step,
-    mnt: &Path,
+    dirs: &thinpool::MountDir,
     staged: &mut dyn FnMut() -> Result<()>,
 ) -> Result<Usage> {
-    let pool = snap.pool();
-    let id = ThinId::new(rec.thin_id)?;
-    let fs: FsType = rec.fs.parse()?;
-    let dev = pool.activate(id, units::bytes_to_sectors(rec.size))?;
-    // A run killed while the filesystem was mounted left that mount behind.
-    for m in thinpool::fs::mounts_of(dev.device)? {
-        let stale = m
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("thinsnap-migrate-"));
-        if stale && m != mnt {
-            thinpool::fs::umount(&m)?;
-            let _ = std::fs::remove_dir(&m);
-        }
-    }
-    let inodes = (|| -> Result<u64> {
+    let fs = rec.device.fs;
+    let (inodes, bytes) = snap.with_adopted_device(rec, |dev| -> Result<u64> {
         if step == Step::Measure {
             return Ok(thinpool::fs::used_inodes(fs, &dev.devnode).unwrap_or(0));
         }
-        std::fs::create_dir_all(mnt).with_context(|| format!("cannot create {}", mnt.display()))?;
-        thinpool::fs::mount(&dev.devnode, mnt, fs, fs.required_options())?;
+        let mnt = dirs.create("migrate")?;
+        let mut options = fs.required_options().to_vec();
+        options.extend(thinpool::mountdir::PRIVATE_OPTIONS);
+        if let Err(e) = thinpool::fs::mount(&dev.devnode, &mnt, fs, &options) {
+            let _ = dirs.remove(&mnt);
+            return Err(e.into());
+        }
         let flattened = (|| -> Result<u64> {
             if step == Step::Stage {
-                flatten::stage(mnt)?;
+                flatten::stage(&mnt)?;
                 staged()?;
             }
-            flatten::move_up(mnt)?;
-            let st = nix::sys::statvfs::statvfs(mnt)?;
+            flatten::move_up(&mnt)?;
+            let st = nix::sys::statvfs::statvfs(&mnt)?;
             Ok(st.files().saturating_sub(st.files_free()))
         })();
-        let unmounted = thinpool::fs::umount(mnt);
+        let unmounted = dirs.remove(&mnt);
         let inodes = flattened?;
         unmounted?;
         Ok(inodes)
-    })();
-    let bytes = pool
-        .thin_usage(id)
-        .map(|u| units::sectors_to_bytes(u.mapped));
-    let deactivated = pool.deactivate(id, RemoveMode::Now);
-    let inodes = inodes?;
-    deactivated?;
-    Ok(Usage {
-        bytes: bytes?,
-        inodes,
-    })
+    })?;
+    Ok(Usage { bytes, inodes })
 }

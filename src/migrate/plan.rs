@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 use thinpool::{units, FsType, ThinId};
 
 use super::docker::Layout;
-use crate::store::Kind;
+use thinsnap_core::store::Kind;
 
 /// Key prefix of snapshots that are not image layers.
 pub const PREFIX: &str = "docker/";

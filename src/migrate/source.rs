@@ -16,7 +16,7 @@ use thinpool::{
 use thinpool::{Device, DmNameBuf};
 
 use super::{docker::Layout, plan::PoolView};
-use crate::config::Config;
+use thinsnap_core::config::Config;
 
 /// Docker's pool, and how thinsnap takes it over.
 #[derive(Debug, Clone, PartialEq, Eq)]

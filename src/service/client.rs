@@ -7,7 +7,10 @@ use anyhow::{Context, Result};
 use tonic::transport::{Channel, Endpoint};
 
 use super::api::{
-    admin::{admin_client::AdminClient, GcRequest, GcResponse, MetricsRequest},
+    admin::{
+        admin_client::AdminClient, GcRequest, GcResponse, MetricsRequest, ResizeVolumeRequest,
+        ResizeVolumeResponse, SnapshotUsage, SnapshotUsageRequest,
+    },
     snapshots::snapshots_client::SnapshotsClient,
     snapshots::*,
     Mount,
@@ -206,10 +209,33 @@ impl Client {
         Ok((u.size, u.inodes))
     }
 
+    /// Exclusive bytes, mapped bytes and inodes of snapshots `keys`, in that order.
+    pub fn snapshot_usage(&mut self, keys: &[String]) -> Result<Vec<SnapshotUsage>> {
+        let r = SnapshotUsageRequest {
+            keys: keys.to_vec(),
+        };
+        self.rt
+            .block_on(self.admin.snapshot_usage(r))
+            .map(|r| r.into_inner().usage)
+            .map_err(status)
+    }
+
     /// thinsnap's garbage collection.
     pub fn gc(&mut self, dry_run: bool) -> Result<GcResponse> {
         self.rt
             .block_on(self.admin.gc(GcRequest { dry_run }))
+            .map(|r| r.into_inner())
+            .map_err(status)
+    }
+
+    /// Grows Docker volume `name` to `size` (as people type sizes).
+    pub fn resize_volume(&mut self, name: &str, size: &str) -> Result<ResizeVolumeResponse> {
+        let r = ResizeVolumeRequest {
+            name: name.into(),
+            size: size.into(),
+        };
+        self.rt
+            .block_on(self.admin.resize_volume(r))
             .map(|r| r.into_inner())
             .map_err(status)
     }

@@ -5,46 +5,43 @@
 
 pub mod api;
 pub mod client;
+pub mod metrics_http;
 pub mod plugin_client;
+pub mod ready;
 mod status;
+pub mod systemd;
 pub mod volume;
 
-use std::{
-    collections::BTreeMap,
-    path::Path,
-    pin::Pin,
-    sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
-};
+use std::{collections::BTreeMap, pin::Pin, sync::Arc, time::Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, info_span, warn, Instrument};
 
-use api::snapshots::{
-    snapshots_server::{Snapshots, SnapshotsServer},
-    *,
-};
+use api::snapshots::{snapshots_server::Snapshots, *};
 pub use status::to_status;
 
-use crate::{
-    metrics::Metrics,
-    snapshotter::{self, Snapshotter},
+use thinsnap_core::{
+    self as core,
     store::{Kind as StoreKind, Record},
+    Engine, ErrorKind,
 };
+
+use crate::metrics::Metrics;
+pub use ready::Ready;
 
 /// The gRPC service over one snapshotter.
 #[derive(Clone)]
 pub struct Service {
-    snap: Arc<Snapshotter>,
+    ready: Ready,
     metrics: Arc<Metrics>,
 }
 
 impl Service {
-    /// A service for `snap`, counting requests in `metrics`.
-    pub fn new(snap: Arc<Snapshotter>, metrics: Arc<Metrics>) -> Service {
-        Service { snap, metrics }
+    /// A service for the engine `ready` gives, counting requests in `metrics`.
+    pub fn new(ready: Ready, metrics: Arc<Metrics>) -> Service {
+        Service { ready, metrics }
     }
 
     /// Runs `f` on the blocking pool in a span named `method` with `key`, logging its
@@ -52,31 +49,28 @@ impl Service {
     async fn call<T, F>(&self, method: &'static str, key: &str, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
-        F: FnOnce(&Snapshotter) -> snapshotter::Result<T> + Send + 'static,
+        F: FnOnce(&Engine) -> core::Result<T> + Send + 'static,
     {
-        let snap = self.snap.clone();
+        let ready = self.ready.clone();
         let metrics = self.metrics.clone();
         let span = info_span!("request", method, key = %key);
         async move {
+            let _flight = metrics.begin();
+            let snap = ready.engine().await?;
             let start = Instant::now();
             let res = tokio::task::spawn_blocking(move || f(&snap))
                 .await
-                .map_err(|e| Status::internal(format!("{method} panicked: {e}")))
-                .and_then(|r| {
-                    r.map_err(|e| (to_status(&e), e)).map_err(|(status, e)| {
-                        if status.code() == tonic::Code::Internal {
-                            warn!(code = ?status.code(), "{e}");
-                        } else {
-                            debug!(code = ?status.code(), "{e}");
-                        }
-                        status
-                    })
-                });
+                .unwrap_or_else(|e| Err(core::Error::Internal(format!("{method} panicked: {e}"))));
             let secs = start.elapsed().as_secs_f64();
-            let code = res.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
-            metrics.observe(method, code, secs);
-            debug!(ms = secs * 1000.0, ?code, "done");
-            res
+            let kind = res.as_ref().err().map(core::Error::kind);
+            metrics.observe(method, kind, secs);
+            match &res {
+                Err(e) if kind == Some(ErrorKind::Internal) => warn!(?kind, "{e}"),
+                Err(e) => debug!(?kind, "{e}"),
+                Ok(_) => {}
+            }
+            debug!(ms = secs * 1000.0, ?kind, "done");
+            res.map_err(|e| to_status(&e))
         }
         .instrument(span)
         .await
@@ -110,7 +104,7 @@ pub fn info(r: &Record) -> Info {
     }
 }
 
-fn mounts(m: Vec<snapshotter::Mount>) -> Vec<api::Mount> {
+fn mounts(m: Vec<core::engine::Mount>) -> Vec<api::Mount> {
     m.into_iter()
         .map(|m| api::Mount {
             r#type: m.fs,
@@ -241,7 +235,7 @@ impl Snapshots for Service {
         let key = r.key.clone();
         let u = self.call("usage", &key, move |s| s.usage(&r.key)).await?;
         Ok(Response::new(UsageResponse {
-            size: u.bytes as i64,
+            size: u.exclusive_bytes as i64,
             inodes: u.inodes as i64,
         }))
     }
@@ -253,161 +247,18 @@ impl Snapshots for Service {
     }
 }
 
-/// Holds the state directory's lock file: one daemon (or one writing CLI) at a time.
-pub struct StateLock {
-    _file: std::fs::File,
-}
-
-impl StateLock {
-    /// Takes the lock at `path` without waiting.
-    ///
-    /// # Errors
-    /// When another process holds it: names the lock and what to do.
-    pub fn acquire(path: &Path) -> Result<StateLock> {
-        use std::os::fd::AsRawFd;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .with_context(|| format!("cannot open lock file {}", path.display()))?;
-        // SAFETY: flock on a file descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            anyhow::bail!(
-                "another thinsnap process holds {} (is `thinsnap serve` running? `systemctl status thinsnap`); stop it first or use its socket",
-                path.display()
-            );
-        }
-        Ok(StateLock { _file: file })
-    }
-}
-
-async fn shutdown_signal(
-    mut term: tokio::signal::unix::Signal,
-    mut int: tokio::signal::unix::Signal,
-) {
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: finishing in-flight requests, then exiting"),
-        _ = int.recv() => info!("SIGINT: finishing in-flight requests, then exiting"),
-    }
-}
-
-/// Listens on the unix socket `socket` (mode 0660), replacing a stale one.
-fn bind_unix(socket: &Path) -> Result<tokio::net::UnixListener> {
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    match std::fs::remove_file(socket) {
-        Ok(()) => info!(socket = %socket.display(), "removed stale socket"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("cannot remove stale socket {}", socket.display()))
-        }
-    }
-    let listener = tokio::net::UnixListener::bind(socket)
-        .with_context(|| format!("cannot listen on {}", socket.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
-            .with_context(|| format!("cannot set the mode of {}", socket.display()))?;
-    }
-    Ok(listener)
-}
-
-/// Serves `snap` on the unix socket `socket` (and the volume plugin on its own socket,
-/// when configured) until SIGTERM or SIGINT; in-flight requests finish first. Active
-/// snapshots stay active, and volumes mounted, for running containers.
-///
-/// # Errors
-/// When a socket cannot be created.
-pub async fn serve(snap: Arc<Snapshotter>, socket: &Path) -> Result<()> {
-    let metrics = Arc::new(Metrics::default());
-    // Handlers first: once the socket exists, a SIGTERM must mean a graceful stop.
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    // The plugin socket before containerd's: once that answers, both do.
-    let volumes = match snap.config().volumes.socket.clone() {
-        Some(path) => {
-            let listener = bind_unix(&path).context("volume plugin (`volumes.socket`)")?;
-            if !volume::docker_discoverable(&path) {
-                warn!(socket = %path.display(), "Docker finds plugins by their socket in /run/docker/plugins; for this path write /etc/docker/plugins/thinsnap.spec containing unix://{}", path.display());
-            }
-            info!(socket = %path.display(), mount_dir = %snap.config().volumes.mount_dir.display(), "serving Docker's volume plugin protocol");
-            let task = tokio::spawn(volume::serve(
-                listener,
-                snap.clone(),
-                metrics.clone(),
-                stop_rx,
-            ));
-            Some((path, task))
-        }
-        None => None,
-    };
-    let listener = bind_unix(socket)?;
-    if snap.config().async_remove {
-        let s = snap.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(60)).await;
-                let s = s.clone();
-                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.cleanup()).await {
-                    warn!("background cleanup: {e}");
-                }
-            }
-        });
-    }
-    let started = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    if let Some(addr) = snap.config().metrics_listen {
-        let http = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} for metrics (`metrics.listen`)"))?;
-        info!(%addr, "serving Prometheus metrics at /metrics");
-        tokio::spawn(http_metrics(http, snap.clone(), metrics.clone()));
-    }
-    crate::autogrow::spawn(snap.clone(), metrics.clone());
-    info!(socket = %socket.display(), started, "serving containerd's Snapshots API");
-    tonic::transport::Server::builder()
-        .add_service(SnapshotsServer::new(Service::new(
-            snap.clone(),
-            metrics.clone(),
-        )))
-        .add_service(api::admin::admin_server::AdminServer::new(Admin {
-            snap,
-            metrics,
-        }))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
-            async move {
-                shutdown_signal(term, int).await;
-                let _ = stop_tx.send(true);
-            },
-        )
-        .await
-        .context("gRPC server failed")?;
-    let _ = std::fs::remove_file(socket);
-    if let Some((path, task)) = volumes {
-        let _ = task.await;
-        let _ = std::fs::remove_file(path);
-    }
-    info!("stopped");
-    Ok(())
-}
-
 /// thinsnap's admin API over the same snapshotter.
 #[derive(Clone)]
 pub struct Admin {
-    snap: Arc<Snapshotter>,
+    ready: Ready,
     metrics: Arc<Metrics>,
+}
+
+impl Admin {
+    /// The admin API on the engine `ready` gives.
+    pub fn new(ready: Ready, metrics: Arc<Metrics>) -> Admin {
+        Admin { ready, metrics }
+    }
 }
 
 #[tonic::async_trait]
@@ -417,7 +268,7 @@ impl api::admin::admin_server::Admin for Admin {
         req: Request<api::admin::GcRequest>,
     ) -> Result<Response<api::admin::GcResponse>, Status> {
         let dry_run = req.into_inner().dry_run;
-        let snap = self.snap.clone();
+        let snap = self.ready.engine().await?;
         let (report, freed) = tokio::task::spawn_blocking(move || snap.gc(dry_run))
             .instrument(info_span!("request", method = "gc"))
             .await
@@ -426,7 +277,30 @@ impl api::admin::admin_server::Admin for Admin {
         Ok(Response::new(api::admin::GcResponse {
             actions: report.actions,
             problems: report.problems,
+            notes: report.notes,
             freed_bytes: freed,
+        }))
+    }
+
+    async fn resize_volume(
+        &self,
+        req: Request<api::admin::ResizeVolumeRequest>,
+    ) -> Result<Response<api::admin::ResizeVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let snap = self.ready.engine().await?;
+        let start = Instant::now();
+        let span = info_span!("request", method = "resize_volume", name = %r.name);
+        let res = tokio::task::spawn_blocking(move || snap.resize_volume(&r.name, &r.size))
+            .instrument(span)
+            .await
+            .unwrap_or_else(|e| Err(core::Error::Internal(format!("resize panicked: {e}"))));
+        let kind = res.as_ref().err().map(core::Error::kind);
+        self.metrics
+            .observe("resize_volume", kind, start.elapsed().as_secs_f64());
+        let done = res.map_err(|e| to_status(&e))?;
+        Ok(Response::new(api::admin::ResizeVolumeResponse {
+            size_bytes: done.volume.device.size,
+            previous_size_bytes: done.previous,
         }))
     }
 
@@ -434,61 +308,37 @@ impl api::admin::admin_server::Admin for Admin {
         &self,
         _req: Request<api::admin::MetricsRequest>,
     ) -> Result<Response<api::admin::MetricsResponse>, Status> {
-        let (snap, metrics) = (self.snap.clone(), self.metrics.clone());
-        let text = tokio::task::spawn_blocking(move || metrics.render(&snap))
+        let (snap, metrics) = (self.ready.engine().await?, self.metrics.clone());
+        let text = tokio::task::spawn_blocking(move || metrics.render_cached(&snap))
             .await
             .map_err(|e| Status::internal(format!("metrics panicked: {e}")))?;
         Ok(Response::new(api::admin::MetricsResponse { text }))
     }
-}
 
-/// Answers HTTP requests on `listener`: `GET /metrics` with the Prometheus text, anything
-/// else 404. One request per connection.
-async fn http_metrics(
-    listener: tokio::net::TcpListener,
-    snap: Arc<Snapshotter>,
-    metrics: Arc<Metrics>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let (snap, metrics) = (snap.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            // Read the request head (the request line is all that matters).
-            while n < buf.len() {
-                match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf[n..])).await {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(k)) => n += k,
-                }
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let mut parts = head.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (status, body) =
-                if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
-                    let text = tokio::task::spawn_blocking(move || metrics.render(&snap))
-                        .await
-                        .unwrap_or_default();
-                    ("200 OK", text)
-                } else {
-                    (
-                        "404 Not Found",
-                        "thinsnap serves only GET /metrics here\n".to_string(),
-                    )
-                };
-            let reply = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(reply.as_bytes()).await;
-            let _ = conn.shutdown().await;
-        });
+    async fn snapshot_usage(
+        &self,
+        req: Request<api::admin::SnapshotUsageRequest>,
+    ) -> Result<Response<api::admin::SnapshotUsageResponse>, Status> {
+        let keys = req.into_inner().keys;
+        let snap = self.ready.engine().await?;
+        let usage = tokio::task::spawn_blocking(move || {
+            snap.usage_now(&keys).map(|u| {
+                keys.into_iter()
+                    .zip(u)
+                    .map(|(key, u)| api::admin::SnapshotUsage {
+                        key,
+                        exclusive_bytes: u.exclusive_bytes,
+                        mapped_bytes: u.mapped_bytes,
+                        inodes: u.inodes,
+                        exclusive_now_bytes: u.exclusive_now_bytes,
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .instrument(info_span!("request", method = "snapshot_usage"))
+        .await
+        .map_err(|e| Status::internal(format!("usage panicked: {e}")))?
+        .map_err(|e| to_status(&e))?;
+        Ok(Response::new(api::admin::SnapshotUsageResponse { usage }))
     }
 }

@@ -1,30 +1,24 @@
-//! The one mapping from snapshotter errors to the gRPC codes containerd expects.
+//! The one mapping from the engine's error kinds to the gRPC codes containerd expects.
 
+use thinsnap_core::{Error, ErrorKind};
 use tonic::{Code, Status};
 
-use crate::snapshotter::Error;
+/// The gRPC code of an error kind.
+pub fn code(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
+        ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+        ErrorKind::Unavailable => Code::Unavailable,
+        ErrorKind::Internal => Code::Internal,
+    }
+}
 
-/// The gRPC status for `e`: NotFound, AlreadyExists, FailedPrecondition, InvalidArgument,
-/// ResourceExhausted, Unavailable as classified; kernel and store failures are Internal,
-/// except a pool out of space (ResourceExhausted) or a busy device (FailedPrecondition).
+/// The gRPC status for `e`: its kind's code and its message.
 pub fn to_status(e: &Error) -> Status {
-    let code = match e {
-        Error::NotFound(_) => Code::NotFound,
-        Error::AlreadyExists(_) => Code::AlreadyExists,
-        Error::FailedPrecondition(_) => Code::FailedPrecondition,
-        Error::InvalidArgument(_) => Code::InvalidArgument,
-        Error::ResourceExhausted(_) => Code::ResourceExhausted,
-        Error::Unavailable(_) => Code::Unavailable,
-        Error::Pool(p) => match p {
-            thinpool::Error::NoSpace { .. } => Code::ResourceExhausted,
-            thinpool::Error::Busy { .. } => Code::FailedPrecondition,
-            thinpool::Error::Degraded { .. } => Code::Unavailable,
-            thinpool::Error::Invalid { .. } => Code::InvalidArgument,
-            _ => Code::Internal,
-        },
-        Error::Store(_) => Code::Internal,
-    };
-    Status::new(code, e.to_string())
+    Status::new(code(e.kind()), e.to_string())
 }
 
 #[cfg(test)]

@@ -24,12 +24,9 @@ use serde_json::{json, Value};
 use tokio::net::UnixListener;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use super::to_status;
-use crate::{
-    metrics::Metrics,
-    snapshotter::{self, Snapshotter},
-    store::{record::rfc3339, Volume},
-};
+use thinsnap_core::{self as core, store::Volume, time::rfc3339, Engine, ErrorKind};
+
+use crate::metrics::Metrics;
 
 /// The media type of the plugin protocol's requests and answers.
 pub const CONTENT_TYPE: &str = "application/vnd.docker.plugins.v1+json";
@@ -73,22 +70,22 @@ fn answer(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
         .expect("a valid response")
 }
 
-/// An error answer: `{"Err": msg}` with an HTTP status that fits the gRPC code (Docker
-/// reads `Err` from any non-200 answer).
-fn error(code: tonic::Code, msg: &str) -> Response<Full<Bytes>> {
-    let status = match code {
-        tonic::Code::NotFound => StatusCode::NOT_FOUND,
-        tonic::Code::AlreadyExists | tonic::Code::FailedPrecondition => StatusCode::CONFLICT,
-        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
-        tonic::Code::ResourceExhausted => StatusCode::INSUFFICIENT_STORAGE,
-        tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
+/// An error answer: `{"Err": msg}` with the HTTP status that fits the error's kind
+/// (Docker reads `Err` from any non-200 answer). The one mapping of engine errors to HTTP.
+fn error(kind: ErrorKind, msg: &str) -> Response<Full<Bytes>> {
+    let status = match kind {
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::AlreadyExists | ErrorKind::FailedPrecondition => StatusCode::CONFLICT,
+        ErrorKind::InvalidArgument => StatusCode::BAD_REQUEST,
+        ErrorKind::ResourceExhausted => StatusCode::INSUFFICIENT_STORAGE,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     };
     answer(status, &json!({ "Err": msg }))
 }
 
 /// A volume as Docker's Get and List show it; `status` adds the Status map (Get only).
-pub fn volume_json(snap: &Snapshotter, v: &Volume, status: bool) -> Value {
+pub fn volume_json(snap: &Engine, v: &Volume, status: bool) -> Value {
     let mountpoint = snap
         .volume_mountpoint(v)
         .map(|p| p.display().to_string())
@@ -100,17 +97,19 @@ pub fn volume_json(snap: &Snapshotter, v: &Volume, status: bool) -> Value {
     });
     if status {
         let mut s = json!({
-            "size": thinpool::units::format_size(v.size),
-            "size_bytes": v.size,
-            "filesystem": v.fs,
-            "thin_id": v.thin_id,
-            "device": thinpool::ThinId::new(v.thin_id)
-                .map(|id| snap.pool().thin_name(id).to_string())
-                .unwrap_or_default(),
+            "size": thinpool::units::format_size(v.device.size),
+            "size_bytes": v.device.size,
+            "filesystem": v.device.fs.as_str(),
+            "thin_id": v.device.thin_id.get(),
+            "device": snap.device_name(v.device.thin_id),
             "mounts": v.mounts.len(),
         });
         if let Some(o) = &v.origin {
             s["from"] = json!(o);
+        }
+        if let Some(from) = v.resize_from {
+            // An interrupted resize: the device is `size`, its filesystem may not be yet.
+            s["resize_pending_from_bytes"] = json!(from);
         }
         if let Some(u) = snap.volume_usage(v) {
             s["used_bytes"] = json!(u);
@@ -121,7 +120,7 @@ pub fn volume_json(snap: &Snapshotter, v: &Volume, status: bool) -> Value {
 }
 
 /// Runs one method with `body` on the blocking pool.
-fn dispatch(snap: &Snapshotter, method: &str, body: Body) -> snapshotter::Result<Value> {
+fn dispatch(snap: &Engine, method: &str, body: Body) -> core::Result<Value> {
     let name = body.name.as_str();
     Ok(match method {
         "Plugin.Activate" => json!({ "Implements": ["VolumeDriver"] }),
@@ -180,7 +179,7 @@ impl Drop for InFlight {
 
 async fn handle(
     req: Request<Incoming>,
-    snap: Arc<Snapshotter>,
+    snap: Arc<Engine>,
     metrics: Arc<Metrics>,
     inflight: Arc<AtomicUsize>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -188,7 +187,7 @@ async fn handle(
     let path = req.uri().path().to_string();
     let Some(m) = method(&path) else {
         return Ok(error(
-            tonic::Code::NotFound,
+            ErrorKind::NotFound,
             &format!("thinsnap's volume plugin has no method {path}: it implements Plugin.Activate and VolumeDriver.{{Create,Remove,Mount,Unmount,Path,Get,List,Capabilities}}"),
         ));
     };
@@ -203,7 +202,7 @@ async fn handle(
         Ok(b) => b.to_bytes(),
         Err(e) => {
             return Ok(error(
-                tonic::Code::InvalidArgument,
+                ErrorKind::InvalidArgument,
                 &format!("cannot read the request body (at most {MAX_BODY} bytes): {e}"),
             ))
         }
@@ -215,7 +214,7 @@ async fn handle(
             Ok(b) => b,
             Err(e) => {
                 return Ok(error(
-                    tonic::Code::InvalidArgument,
+                    ErrorKind::InvalidArgument,
                     &format!("{m}: the request body is not the JSON the protocol defines ({e}); option values are strings"),
                 ))
             }
@@ -226,26 +225,22 @@ async fn handle(
         let start = Instant::now();
         let res = tokio::task::spawn_blocking(move || dispatch(&snap, m, body))
             .await
-            .unwrap_or_else(|e| {
-                Err(snapshotter::Error::Unavailable(format!(
-                    "{m} panicked: {e}"
-                )))
-            });
+            .unwrap_or_else(|e| Err(core::Error::Internal(format!("{m} panicked: {e}"))));
         let secs = start.elapsed().as_secs_f64();
         let r = match res {
             Ok(v) => {
-                metrics.observe(m, tonic::Code::Ok, secs);
+                metrics.observe(m, None, secs);
                 answer(StatusCode::OK, &v)
             }
             Err(e) => {
-                let code = to_status(&e).code();
-                if code == tonic::Code::Internal {
-                    warn!(?code, "{e}");
+                let kind = e.kind();
+                if kind == ErrorKind::Internal {
+                    warn!(?kind, "{e}");
                 } else {
-                    debug!(?code, "{e}");
+                    debug!(?kind, "{e}");
                 }
-                metrics.observe(m, code, secs);
-                error(code, &e.to_string())
+                metrics.observe(m, Some(kind), secs);
+                error(kind, &e.to_string())
             }
         };
         debug!(ms = secs * 1000.0, "done");
@@ -259,7 +254,7 @@ async fn handle(
 /// minutes) for requests in flight to finish.
 pub async fn serve(
     listener: UnixListener,
-    snap: Arc<Snapshotter>,
+    snap: Arc<Engine>,
     metrics: Arc<Metrics>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -340,15 +335,15 @@ mod tests {
 
     #[test]
     fn errors_carry_err_and_a_fitting_status() {
-        let r = error(tonic::Code::NotFound, "volume \"x\" does not exist");
+        let r = error(ErrorKind::NotFound, "volume \"x\" does not exist");
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         assert_eq!(r.headers()[hyper::header::CONTENT_TYPE], CONTENT_TYPE);
         assert_eq!(
-            error(tonic::Code::FailedPrecondition, "").status(),
+            error(ErrorKind::FailedPrecondition, "").status(),
             StatusCode::CONFLICT
         );
         assert_eq!(
-            error(tonic::Code::Internal, "").status(),
+            error(ErrorKind::Internal, "").status(),
             StatusCode::INTERNAL_SERVER_ERROR
         );
     }

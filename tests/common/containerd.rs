@@ -49,14 +49,43 @@ pub struct Containerd {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub socket: PathBuf,
-    /// The containerd namespace the test works in: `thinsnap-test-<pid>-<n>`.
+    /// The containerd namespace the test works in: `thinsnap-test-<pid>-<n>`, or CRI's
+    /// `k8s.io`.
     pub namespace: String,
+    /// The cgroup (under /sys/fs/cgroup) the containers' cgroups are in: the namespace's
+    /// for `ctr`, the pods' parent for CRI.
+    pub cgroup: String,
 }
+
+/// containerd's CRI plugin, for [`Containerd::start_cri`].
+pub struct Cri {
+    /// The pause image the plugin starts pod sandboxes from (imported by the test).
+    pub sandbox_image: String,
+}
+
+/// The namespace containerd's CRI plugin keeps its images and containers in.
+pub const CRI_NAMESPACE: &str = "k8s.io";
 
 impl Containerd {
     /// Starts containerd with `daemon` as its proxy snapshotter and waits until it answers.
     /// Panics, saying how to get them, when the programs are missing.
     pub fn start(daemon: &Daemon) -> Containerd {
+        Self::start_with(Some(&daemon.socket), None)
+    }
+
+    /// Starts containerd with no proxy snapshotter (for a dockerd with a graphdriver of its
+    /// own, which uses containerd only to run containers).
+    pub fn start_plain() -> Containerd {
+        Self::start_with(None, None)
+    }
+
+    /// Starts containerd with its CRI plugin serving kubelet's API on its socket, with
+    /// thinsnap as the pods' snapshotter, and no CNI (pods use the node's network).
+    pub fn start_cri(daemon: &Daemon, cri: &Cri) -> Containerd {
+        Self::start_with(Some(&daemon.socket), Some(cri))
+    }
+
+    fn start_with(proxy: Option<&Path>, cri: Option<&Cri>) -> Containerd {
         let found: Vec<Option<PathBuf>> = PROGRAMS.iter().map(|p| find_program(p)).collect();
         let missing: Vec<&str> = PROGRAMS
             .iter()
@@ -89,28 +118,77 @@ impl Containerd {
         let socket = dir.path().join("containerd.sock");
         let config = dir.path().join("containerd.toml");
         let d = dir.path().display();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let (namespace, cgroup) = match cri {
+            None => {
+                let ns = format!("thinsnap-test-{}-{n}", std::process::id());
+                (ns.clone(), ns)
+            }
+            Some(_) => (
+                CRI_NAMESPACE.to_string(),
+                format!("thinsnap-cri-{}-{n}", std::process::id()),
+            ),
+        };
+        // The snapshotters this kernel lacks; CRI, unless asked for, would look for CNI.
+        let mut disabled = vec![
+            "io.containerd.snapshotter.v1.aufs",
+            "io.containerd.snapshotter.v1.btrfs",
+            "io.containerd.snapshotter.v1.devmapper",
+            "io.containerd.snapshotter.v1.zfs",
+        ];
+        let cri_section = match cri {
+            None => {
+                disabled.insert(0, "io.containerd.grpc.v1.cri");
+                String::new()
+            }
+            // Kubernetes' defaults but for what a test needs: snapshotter thinsnap, its own
+            // sandbox image, stats every second (kubelet's default period is 10 s), CNI
+            // directories of its own that stay empty (host-network pods need no CNI), and
+            // runc without pivot_root where / is the initramfs.
+            Some(cri) => format!(
+                r#"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{image}"
+  stats_collect_period = 1
+  disable_apparmor = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "{SNAPSHOTTER}"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        NoPivotRoot = {no_pivot}
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{d}/cni/bin"
+    conf_dir = "{d}/cni/net.d"
+"#,
+                image = cri.sandbox_image,
+                no_pivot = root_is_rootfs(),
+            ),
+        };
+        let disabled: Vec<String> = disabled.iter().map(|p| format!("{p:?}")).collect();
         std::fs::write(
             &config,
             format!(
                 r#"version = 2
 root = "{d}/root"
 state = "{d}/state"
-# CRI would look for CNI and more; the others are snapshotters this kernel lacks.
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs"]
+disabled_plugins = [{disabled}]
 
 [grpc]
   address = "{d}/containerd.sock"
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{d}/opt"
-
-[proxy_plugins.{SNAPSHOTTER}]
-  type = "snapshot"
-  address = "{sock}"
-"#,
-                sock = daemon.socket.display()
+{proxy}{cri_section}"#,
+                disabled = disabled.join(", "),
+                proxy = match proxy {
+                    Some(sock) => format!(
+                        "\n[proxy_plugins.{SNAPSHOTTER}]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+                        sock.display()
+                    ),
+                    None => String::new(),
+                }
             ),
         )
         .unwrap();
@@ -126,14 +204,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
             .stderr(log)
             .spawn()
             .unwrap();
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let mut c = Containerd {
             child: Some(child),
             ctr: found[1].clone(),
             path,
             config,
             socket,
-            namespace: format!("thinsnap-test-{}-{n}", std::process::id()),
+            namespace,
+            cgroup,
             dir,
         };
         let start = Instant::now();
@@ -211,10 +289,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
         self.ok(&args);
     }
 
-    /// Kills every process of the namespace's containers (cgroup v2's cgroup.kill on the
-    /// namespace's cgroup, where ctr puts them) and waits until they are gone.
+    /// Kills every process of the containers (cgroup v2's cgroup.kill on the cgroup ctr
+    /// or the pods put them in) and waits until they are gone.
     fn kill_containers(&self) {
-        let cg = Path::new("/sys/fs/cgroup").join(&self.namespace);
+        let cg = Path::new("/sys/fs/cgroup").join(&self.cgroup);
         if !cg.exists() {
             return;
         }
@@ -289,8 +367,8 @@ impl Drop for Containerd {
         for m in mounts_under(self.dir.path()).into_iter().rev() {
             let _ = thinpool::fs::umount(&m);
         }
-        // The containers' cgroups, then the namespace's.
-        let cg = Path::new("/sys/fs/cgroup").join(&self.namespace);
+        // The containers' cgroups, then the namespace's (or the pods').
+        let cg = Path::new("/sys/fs/cgroup").join(&self.cgroup);
         for e in std::fs::read_dir(&cg).into_iter().flatten().flatten() {
             if e.path().is_dir() {
                 let _ = std::fs::remove_dir(e.path());

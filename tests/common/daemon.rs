@@ -24,10 +24,18 @@ pub struct Daemon {
     pub env: Vec<(String, String)>,
     /// Whether the pool is the daemon's own loopback pool, destroyed and checked on drop.
     pub owns_pool: bool,
+    /// Why this test leaves the store and pool disagreeing on purpose (None: on drop,
+    /// `thinsnap check` must find them in agreement before anything is cleaned up).
+    pub unclean: Option<&'static str>,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub socket: PathBuf,
     pub pool: PoolName,
+    /// The listening socket this test holds as systemd's thinsnap.socket would, passed to
+    /// every start (socket activation; see [`Daemon::start_activated`]).
+    pub held: Option<std::os::unix::net::UnixListener>,
+    /// The thinsnap binary `serve` runs.
+    pub bin: PathBuf,
 }
 
 /// Configuration of a test daemon: 1 GiB snapshots, plus top-level lines `extra` (where
@@ -42,7 +50,7 @@ pub fn test_config(dir: &Path, name: &PoolName, extra: &str, pool: Option<&str>)
         "default_size = \"1G\""
     };
     format!(
-        "state_dir = \"{dir}/state\"\nsocket = \"{dir}/thinsnap.sock\"\n{size}\n{extra}\n[pool]\nname = \"{name}\"\n{pool}\n",
+        "state_dir = \"{dir}/state\"\nsocket = \"{dir}/thinsnap.sock\"\nruntime_dir = \"{dir}/run\"\n{size}\n{extra}\n[pool]\nname = \"{name}\"\n{pool}\n",
         dir = dir.display()
     )
 }
@@ -70,10 +78,46 @@ impl Daemon {
             child: None,
             env: Vec::new(),
             owns_pool: pool_lines.is_none_or(|p| !p.contains("source")),
+            unclean: None,
             socket: dir.path().join("thinsnap.sock"),
             config,
             pool,
             dir,
+            held: None,
+            bin: env!("CARGO_BIN_EXE_thinsnap").into(),
+        };
+        d.spawn();
+        d
+    }
+
+    /// Starts the release build of `thinsnap serve` (`THINSNAP_RELEASE_BIN`, which
+    /// vagrant/test sets) on a listening socket this test holds and passes to every start,
+    /// as systemd's thinsnap.socket does (`LISTEN_FDS`), waiting for its `READY=1` as
+    /// `Type=notify` does. The release build, as users run it: under emulation the debug
+    /// build's exec alone takes half of the second containerd allows a reconnection.
+    #[allow(dead_code)]
+    pub fn start_activated() -> Daemon {
+        require_dm();
+        let bin = std::env::var_os("THINSNAP_RELEASE_BIN").unwrap_or_else(|| {
+            panic!("THINSNAP_RELEASE_BIN must name thinsnap's release build (vagrant/test sets it; `cargo build --release`)")
+        });
+        let dir = scratch_dir();
+        let pool = unique_pool_name();
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, test_config(dir.path(), &pool, "", None)).unwrap();
+        let socket = dir.path().join("thinsnap.sock");
+        let held = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let mut d = Daemon {
+            child: None,
+            env: Vec::new(),
+            owns_pool: true,
+            unclean: None,
+            socket,
+            config,
+            pool,
+            dir,
+            held: Some(held),
+            bin: bin.into(),
         };
         d.spawn();
         d
@@ -88,10 +132,13 @@ impl Daemon {
             child: None,
             env: Vec::new(),
             owns_pool: true,
+            unclean: None,
             socket: dir.path().join("thinsnap.sock"),
             config: dir.path().join("config.toml"),
             pool,
             dir,
+            held: None,
+            bin: env!("CARGO_BIN_EXE_thinsnap").into(),
         };
         d.spawn();
         d
@@ -148,29 +195,75 @@ impl Daemon {
             .unwrap()
     }
 
-    /// Starts the daemon process and waits until its socket answers.
+    /// Starts the daemon process and waits until its socket answers (or, on a held
+    /// socket, until it says `READY=1`).
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log())
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_thinsnap"))
-            .arg("--config")
+        let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+        let notify = self.held.as_ref().map(|_| {
+            let path = self.dir.path().join("notify");
+            let _ = std::fs::remove_file(&path);
+            (std::os::unix::net::UnixDatagram::bind(&path).unwrap(), path)
+        });
+        let mut cmd = match &self.held {
+            None => Command::new(&self.bin),
+            Some(held) => {
+                // systemd sets LISTEN_PID to the pid it execs: the shell's, which exec keeps.
+                let mut cmd = Command::new("sh");
+                cmd.args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\""])
+                    .arg(&self.bin);
+                let fd = std::os::fd::AsRawFd::as_raw_fd(held);
+                // SAFETY: dup2 and fcntl are async-signal-safe; the child gets the held
+                // socket as fd 3, without close-on-exec.
+                unsafe {
+                    std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                        if fd == 3 {
+                            let flags = libc::fcntl(3, libc::F_GETFD);
+                            libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                        } else if libc::dup2(fd, 3) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                cmd
+            }
+        };
+        cmd.arg("--config")
             .arg(&self.config)
             .arg("--log")
-            .arg(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .arg(filter)
             .arg("serve")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+            .stderr(log);
+        if let Some((_, path)) = &notify {
+            cmd.env("NOTIFY_SOCKET", path);
+        }
+        self.child = Some(cmd.spawn().unwrap());
         let start = Instant::now();
+        if let Some((rx, _)) = &notify {
+            rx.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+        }
         loop {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            let ready = match &notify {
+                None => std::os::unix::net::UnixStream::connect(&self.socket).is_ok(),
+                Some((rx, _)) => {
+                    let mut buf = [0u8; 512];
+                    rx.recv(&mut buf).is_ok_and(|n| {
+                        String::from_utf8_lossy(&buf[..n])
+                            .lines()
+                            .any(|l| l == "READY=1")
+                    })
+                }
+            };
+            if ready {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -181,11 +274,13 @@ impl Daemon {
             }
             if start.elapsed() > Duration::from_secs(120) {
                 panic!(
-                    "thinsnap serve did not listen within 120 s:\n{}",
+                    "thinsnap serve was not ready within 120 s:\n{}",
                     std::fs::read_to_string(self.log()).unwrap_or_default()
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
+            if notify.is_none() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 
@@ -201,6 +296,50 @@ impl Daemon {
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("daemon running");
         child.wait().unwrap()
+    }
+
+    /// Starts the daemon with `THINSNAP_FAILPOINT=point` where its start-up recovery must
+    /// kill it (recovery itself crashing), and checks that it did, within 120 s.
+    pub fn recover_dying_at(&mut self, point: &str) {
+        assert!(self.child.is_none(), "the daemon is running");
+        self.env = vec![("THINSNAP_FAILPOINT".into(), point.into())];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_thinsnap"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("serve")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.env.clear();
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                let _ = child.kill();
+                panic!(
+                    "start-up recovery did not reach {point} within 120 s:\n{}",
+                    std::fs::read_to_string(self.log()).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "start-up recovery must be killed at {point}: {status}\n{}",
+            std::fs::read_to_string(self.log()).unwrap_or_default()
+        );
     }
 
     /// Stops the daemon with SIGTERM and waits; returns its exit status.
@@ -238,11 +377,31 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// What the test left, checked before anything is cleaned up: the store and the pool
+    /// agree (`thinsnap check`: nothing half done, no stale device, no record without its
+    /// device) and nothing is left in the private mount directory.
+    fn assert_left_clean(&self) {
+        let out = self.cli(&["check"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("store and pool agree"),
+            "the test left the store and pool disagreeing (set `unclean` if on purpose):\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let private = super::private_mounts(self.dir.path());
+        assert!(private.is_empty(), "private mounts left: {private:?}");
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let stopped = self.stop();
         if std::env::var_os("THINSNAP_KEEP_TEST_DEVICES").is_some() {
             return;
+        }
+        if !std::thread::panicking() && self.unclean.is_none() {
+            self.assert_left_clean();
         }
         for m in mounts_under(self.dir.path()).into_iter().rev() {
             let _ = thinpool::fs::umount(&m);

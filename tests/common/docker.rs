@@ -1,9 +1,11 @@
-//! Docker's devicemapper storage driver as Docker 24 lays it out on disk and in the kernel,
-//! built step by step the way moby's `daemon/graphdriver/devmapper` does it (loopback pool
+//! Docker's devicemapper storage driver as Docker (20.10 to 24) lays it out on disk and in
+//! the kernel, built step by step the way moby's `daemon/graphdriver/devmapper` does it, for
+//! the cases a real dockerd does not produce on demand (tests/migrate.rs; what a real
+//! Docker 20.10 writes is the same, tests/docker_migrate.rs checks that): loopback pool
 //! named `docker-<maj>:<min>-<ino>-pool`, table `... 128 32768 1 skip_block_zeroing`,
 //! devices `docker-<maj>:<min>-<ino>-<hash>`, a transaction file around every pool change,
 //! JSON written with Go's field names and no spaces, each filesystem holding `id` and
-//! `rootfs/`), plus the layer store's `layerdb` entries. Ioctls go through thinpool's `dm`
+//! `rootfs/`, plus the layer store's `layerdb` entries. Ioctls go through thinpool's `dm`
 //! functions, which take any name; no thinsnap code decides anything here.
 
 use std::{
@@ -42,8 +44,6 @@ pub struct DockerDm {
     pub pool_dev: Device,
     /// The loop devices of the loopback pool's `data` and `metadata` files.
     pub loops: Vec<LoopFile>,
-    /// A `dm.thinpooldev` LVM pool's volume group and the loop device of its PV.
-    pub lvm: Option<(String, LoopFile)>,
     pub block_size: u64,
     pub base_size: u64,
     /// The pool's transaction id as Docker tracks it.
@@ -106,76 +106,7 @@ impl DockerDm {
             pool,
             info.device(),
             vec![data, meta],
-            None,
             block_size,
-            base_size,
-        )
-    }
-
-    /// Starts "Docker" on `<dir>/docker` with `--storage-opt dm.thinpooldev=` an LVM thin
-    /// pool `<vg>/thinpool` made as Docker's docs and its direct-lvm setup make it (on a
-    /// loop-backed PV here): `lvcreate` data and metadata volumes, `lvconvert --thinpool`
-    /// with 512 KiB chunks and no zeroing.
-    pub fn new_lvm(dir: &Path, vg: &str, base_size: u64) -> DockerDm {
-        super::require_dm();
-        let (root, home, prefix) = Self::home(dir);
-        let pv_file = dir.join("pv.img");
-        loopback::create_sparse(&pv_file, 4 * GIB).unwrap();
-        let pv = loopback::attach(&pv_file, false).unwrap();
-        let dev = pv.dev_path.to_str().unwrap().to_string();
-        let lvm = |args: &[&str]| thinpool::cmd::lvm(args).unwrap();
-        lvm(&["pvcreate", "-f", &dev]);
-        lvm(&["vgcreate", vg, &dev]);
-        lvm(&[
-            "lvcreate",
-            "--wipesignatures",
-            "y",
-            "-n",
-            "thinpool",
-            vg,
-            "--extents",
-            "95%VG",
-        ]);
-        lvm(&[
-            "lvcreate",
-            "--wipesignatures",
-            "y",
-            "-n",
-            "thinpoolmeta",
-            vg,
-            "--extents",
-            "1%VG",
-        ]);
-        lvm(&[
-            "lvconvert",
-            "-y",
-            "--zero",
-            "n",
-            "-c",
-            "512K",
-            "--thinpool",
-            &format!("{vg}/thinpool"),
-            "--poolmetadata",
-            &format!("{vg}/thinpoolmeta"),
-        ]);
-        lvm(&["lvchange", "-ay", &format!("{vg}/thinpool")]);
-        let base = format!("{}-thinpool", vg.replace('-', "--"));
-        let pool = [format!("{base}-tpool"), base]
-            .into_iter()
-            .map(|n| DmNameBuf::new(n).unwrap())
-            .find(|n| dm::info(n).unwrap().is_some() && dm::table(n).unwrap().1 == "thin-pool")
-            .expect("an active thin-pool device of the LV");
-        let dev = dm::info(&pool).unwrap().unwrap().device();
-        let lvm = Some((vg.to_string(), pv));
-        Self::start(
-            root,
-            home,
-            prefix,
-            pool,
-            dev,
-            Vec::new(),
-            lvm,
-            1024,
             base_size,
         )
     }
@@ -199,7 +130,6 @@ impl DockerDm {
         pool: DmNameBuf,
         pool_dev: Device,
         loops: Vec<LoopFile>,
-        lvm: Option<(String, LoopFile)>,
         block_size: u64,
         base_size: u64,
     ) -> DockerDm {
@@ -210,7 +140,6 @@ impl DockerDm {
             pool,
             pool_dev,
             loops,
-            lvm,
             block_size,
             base_size,
             txn: 0,
@@ -450,14 +379,13 @@ impl DockerDm {
     }
 
     /// Docker's Shutdown: saves deviceset-metadata, deactivates its devices and (a clean
-    /// stop) its loopback pool, whose loop devices then go away. A `dm.thinpooldev` pool
-    /// is not Docker's to deactivate.
+    /// stop) its loopback pool, whose loop devices then go away.
     pub fn stop(&self, clean: bool) {
         self.save_deviceset();
         for h in self.devices.keys() {
             self.deactivate(h);
         }
-        if clean && self.lvm.is_none() {
+        if clean {
             dm::remove(&self.pool, RemoveMode::Now).unwrap();
             for l in &self.loops {
                 l.detach().unwrap();
@@ -504,34 +432,9 @@ impl DockerDm {
             .collect()
     }
 
-    /// Every file under Docker's root with its content's hash (the large, sparse data file
-    /// by size and mtime): what a dry run must not change. Without `inactive_pool`, the
-    /// pool's files are only listed: a live pool writes them by itself (a mounted
-    /// filesystem's journal commits, a metadata snapshot to read its thin ids).
+    /// Docker's files (see [`super::migrate::root_files`]).
     pub fn files(&self, inactive_pool: bool) -> BTreeMap<String, String> {
-        fn walk(dir: &Path, base: &Path, meta: bool, out: &mut BTreeMap<String, String>) {
-            for e in fs::read_dir(dir).unwrap().flatten() {
-                let p = e.path();
-                let rel = p.strip_prefix(base).unwrap().display().to_string();
-                if p.is_dir() {
-                    out.insert(format!("{rel}/"), String::new());
-                    walk(&p, base, meta, out);
-                } else if rel.starts_with("devicemapper/devicemapper/") && !meta {
-                    out.insert(rel, String::new());
-                } else if rel.ends_with("devicemapper/data") {
-                    let m = fs::metadata(&p).unwrap();
-                    out.insert(
-                        rel,
-                        format!("size {} mtime {}.{}", m.len(), m.mtime(), m.mtime_nsec()),
-                    );
-                } else {
-                    out.insert(rel, super::sha256_file(&p));
-                }
-            }
-        }
-        let mut out = BTreeMap::new();
-        walk(&self.root, &self.root, inactive_pool, &mut out);
-        out
+        super::migrate::root_files(&self.root, inactive_pool)
     }
 
     /// Names of Docker's active dm devices.
@@ -559,18 +462,10 @@ impl Drop for DockerDm {
                     let _ = dm::remove(&DmNameBuf::new(n).unwrap(), RemoveMode::Now);
                 }
             }
-            if self.lvm.is_none() {
-                let _ = dm::remove(&self.pool, RemoveMode::Now);
-            }
+            let _ = dm::remove(&self.pool, RemoveMode::Now);
             for l in &self.loops {
                 let _ = l.detach();
             }
-        }
-        // The volume group outlives a migration (thinsnap removes only the pool's LV).
-        if let Some((vg, pv)) = &self.lvm {
-            let _ = thinpool::cmd::lvm(&["vgremove", "-y", "-f", vg]);
-            let _ = thinpool::cmd::lvm(&["pvremove", "-y", pv.dev_path.to_str().unwrap()]);
-            let _ = pv.detach();
         }
     }
 }

@@ -36,13 +36,18 @@ pub const VOLUMES_CONFIG: &str =
 /// A test daemon that also serves the volume plugin where dockerd looks for it. Panics
 /// when something else already answers there (a thinsnap of the host's own).
 pub fn daemon() -> Daemon {
+    daemon_with_pool(None)
+}
+
+/// [`daemon`] with the pool lines `pool` (see [`super::daemon::test_config`]).
+pub fn daemon_with_pool(pool: Option<&str>) -> Daemon {
     if UnixStream::connect(PLUGIN_SOCKET).is_ok() {
         panic!(
             "a volume plugin already listens at {PLUGIN_SOCKET}; this test serves its own \
              there. Run it in the VM: `vagrant/test --test docker`."
         );
     }
-    Daemon::start_with(VOLUMES_CONFIG)
+    Daemon::start_custom(VOLUMES_CONFIG, pool)
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);

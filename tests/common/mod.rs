@@ -7,7 +7,11 @@ pub mod containerd;
 pub mod daemon;
 pub mod docker;
 pub mod dockerd;
+pub mod dockerd_dm;
 pub mod image;
+pub mod migrate;
+pub mod registry;
+pub mod tree;
 pub mod volume;
 
 use std::{
@@ -148,15 +152,17 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Mount points the CLI made for imports and exports that are still there.
-pub fn private_mounts() -> Vec<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|p| p.contains("thinsnap-import-") || p.contains("thinsnap-export-"))
-        .map(str::to_string)
-        .collect()
+/// What is left in the private mount directory of the daemon in test directory `dir`
+/// (`<dir>/run/mnt`, where every temporary mount goes: grows, base tidying, imports,
+/// exports): its entries, mounted or not.
+pub fn private_mounts(dir: &Path) -> Vec<String> {
+    match fs::read_dir(dir.join("run/mnt")) {
+        Ok(entries) => entries
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => panic!("{}: {e}", dir.display()),
+    }
 }
 
 /// dm devices whose names start with `thinsnap-<pool>-`.

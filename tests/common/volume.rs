@@ -240,3 +240,36 @@ pub fn fs_type(path: &Path) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// The size in bytes of the active thin device named `dm_name` (the kernel's block device).
+pub fn device_bytes(dm_name: &str) -> u64 {
+    let name = devicemapper::DmName::new(dm_name).unwrap();
+    let info = thinpool::dm::info(name)
+        .unwrap()
+        .unwrap_or_else(|| panic!("{dm_name} is not active"));
+    thinpool::dm::block_size_bytes(&thinpool::dm::devnode(info.device()).unwrap()).unwrap()
+}
+
+/// The block device mounted at `path` (`/dev/dm-N`), from mountinfo.
+pub fn source_of(path: &Path) -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = path.to_string_lossy();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(want.as_ref()))
+        .unwrap_or_else(|| panic!("{} is not mounted", path.display()));
+    let rest = line.split(" - ").nth(1).unwrap();
+    PathBuf::from(rest.split(' ').nth(1).unwrap())
+}
+
+/// The xfs ENOSPC retries of the filesystem mounted at `path`
+/// (`/sys/fs/xfs/<dev>/error/metadata/ENOSPC/max_retries`).
+pub fn xfs_enospc_retries(path: &Path) -> String {
+    let name = thinpool::fs::kernel_name(&source_of(path)).unwrap();
+    std::fs::read_to_string(format!(
+        "/sys/fs/xfs/{name}/error/metadata/ENOSPC/max_retries"
+    ))
+    .unwrap()
+    .trim()
+    .to_string()
+}

@@ -195,24 +195,32 @@ pub fn status(name: &DmName, flush: bool) -> Result<(String, String)> {
     single_line(name, opts, "table_status")
 }
 
-/// The live table of the single target of device `name`: (target type, parameters).
+/// The live table of the single target of device `name`: (length, target type, parameters).
+///
+/// # Errors
+/// [`Error::NotFound`] when the device does not exist; [`Error::Invalid`] when it has no
+/// live table; [`Error::Dm`] otherwise.
+pub fn table(name: &DmName) -> Result<(u64, String, String)> {
+    live_table(name)?
+        .ok_or_else(|| Error::invalid(format!("dm device {name}"), "it has no table loaded"))
+}
+
+/// Like [`table`], but `None` for a device that exists without a live table: what a
+/// process leaves behind when it dies between creating a device and resuming its table.
 ///
 /// # Errors
 /// [`Error::NotFound`] when the device does not exist; [`Error::Dm`] otherwise.
-pub fn table(name: &DmName) -> Result<(u64, String, String)> {
+pub fn live_table(name: &DmName) -> Result<Option<(u64, String, String)>> {
     let (_, lines) = get()?
         .table_status(
             &DevId::Name(name),
             DmOptions::default().set_flags(DmFlags::DM_STATUS_TABLE),
         )
         .map_err(|e| not_found_or(name, "table", e))?;
-    match lines.into_iter().next() {
-        Some((_, len, ty, params)) => Ok((len, ty, params)),
-        None => Err(Error::invalid(
-            format!("dm device {name}"),
-            "it has no table loaded",
-        )),
-    }
+    Ok(lines
+        .into_iter()
+        .next()
+        .map(|(_, len, ty, params)| (len, ty, params)))
 }
 
 fn single_line(name: &DmName, opts: DmOptions, op: &'static str) -> Result<(String, String)> {

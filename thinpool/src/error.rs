@@ -48,7 +48,7 @@ pub enum Error {
         detail: String,
     },
     /// The pool has no free data space left.
-    #[error("pool {pool} is out of data space ({detail}): grow it with `thinsnap pool grow`, or remove snapshots")]
+    #[error("pool {pool} is out of data space ({detail}): grow the pool, or delete thin devices")]
     NoSpace {
         /// The pool name.
         pool: String,
@@ -182,15 +182,15 @@ impl Error {
             (e, None) => e.to_string(),
         };
         let hint = match (op, errno) {
-            (_, None) if matches!(err, DmError::Core(errors::Error::ContextInit(_))) => Hint(Some(
-                "is the dm_mod module loaded and are you root? On a machine without device-mapper use `vagrant/vm`",
-            )),
+            (_, None) if matches!(err, DmError::Core(errors::Error::ContextInit(_))) => {
+                Hint(Some("is the dm_mod module loaded and are you root?"))
+            }
             ("create_thin" | "create_snap", Some(Errno::EEXIST)) => {
                 Hint(Some("the thin id is already in use in this pool"))
             }
-            (_, Some(Errno::ENOSPC)) => Hint(Some(
-                "the pool is out of data or metadata space: grow it with `thinsnap pool grow`",
-            )),
+            (_, Some(Errno::ENOSPC)) => {
+                Hint(Some("the pool is out of data or metadata space: grow it"))
+            }
             (_, Some(Errno::ENXIO | Errno::ENODEV)) => Hint(Some(
                 "the device does not exist in the kernel: was it deactivated or removed?",
             )),
@@ -203,9 +203,9 @@ impl Error {
             (_, Some(Errno::EBUSY)) => Hint(Some(
                 "the device is open: unmount it and stop what uses it, then retry",
             )),
-            (_, Some(Errno::ENODATA)) => Hint(Some(
-                "the thin id does not exist in the pool's metadata",
-            )),
+            (_, Some(Errno::ENODATA)) => {
+                Hint(Some("the thin id does not exist in the pool's metadata"))
+            }
             _ => Hint(None),
         };
         Error::Dm {

@@ -1,7 +1,11 @@
 //! Filesystems on thin devices: mkfs (ext4 or xfs), mount and unmount with options split
 //! into flags and data, and growing a filesystem after its device grew.
 
-use std::{fmt, path::Path, str::FromStr};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
 
 use nix::{
     errno::Errno,
@@ -51,6 +55,16 @@ impl FsType {
         match self {
             FsType::Ext4 => &[],
             FsType::Xfs => &["nouuid"],
+        }
+    }
+
+    /// The smallest filesystem of this type thinsnap makes: 16 MiB of ext4 (mkfs.ext4 makes
+    /// smaller ones, with journals too small to be of use), 300 MiB of xfs (mkfs.xfs refuses
+    /// less since xfsprogs 5.19).
+    pub fn min_size(self) -> u64 {
+        match self {
+            FsType::Ext4 => 16 << 20,
+            FsType::Xfs => 300 << 20,
         }
     }
 
@@ -146,6 +160,69 @@ pub fn mount<S: AsRef<str>>(dev: &Path, target: &Path, fs: FsType, options: &[S]
     })
 }
 
+/// The kernel's name of block device `dev` (`dm-3`), by which `/sys/fs/<fs>/` names the
+/// filesystem mounted on it.
+///
+/// # Errors
+/// [`Error::Io`] when `dev` is not a block device the kernel knows.
+pub fn kernel_name(dev: &Path) -> Result<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = std::fs::metadata(dev).map_err(|e| Error::io("stat", dev, e))?;
+    if !meta.file_type().is_block_device() {
+        return Err(Error::invalid(
+            dev.display().to_string(),
+            "not a block device",
+        ));
+    }
+    let rdev = meta.rdev();
+    let link = format!(
+        "/sys/dev/block/{}:{}",
+        nix::sys::stat::major(rdev),
+        nix::sys::stat::minor(rdev)
+    );
+    let target = std::fs::read_link(&link).map_err(|e| Error::io("read link", &link, e))?;
+    target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_string)
+        .ok_or_else(|| Error::invalid(link, "no device name in the link"))
+}
+
+/// Sets how many times xfs on `dev` (mounted) retries a metadata write the device refused
+/// with ENOSPC before it shuts the filesystem down: `max_retries` is -1 (forever, the
+/// kernel's default), 0 (never: a thin pool out of space makes writers fail at once instead
+/// of waiting for space that may never come) or a count. Returns false, changing nothing,
+/// on a kernel without xfs's error configuration (before 4.7).
+///
+/// # Errors
+/// [`Error::Io`] when the setting cannot be written.
+pub fn set_xfs_enospc_retries(dev: &Path, max_retries: i32) -> Result<bool> {
+    let knob = PathBuf::from(format!(
+        "/sys/fs/xfs/{}/error/metadata/ENOSPC/max_retries",
+        kernel_name(dev)?
+    ));
+    if !knob.exists() {
+        return Ok(false);
+    }
+    std::fs::write(&knob, max_retries.to_string()).map_err(|e| Error::io("write", &knob, e))?;
+    Ok(true)
+}
+
+/// After a mount of `fs` on `dev`: for xfs with `xfs_enospc_retries`, sets them (see
+/// [`set_xfs_enospc_retries`]); a kernel without the setting is logged, not an error.
+///
+/// # Errors
+/// As [`set_xfs_enospc_retries`].
+pub fn configure_mounted(fs: FsType, dev: &Path, xfs_enospc_retries: Option<i32>) -> Result<()> {
+    let (FsType::Xfs, Some(n)) = (fs, xfs_enospc_retries) else {
+        return Ok(());
+    };
+    if !set_xfs_enospc_retries(dev, n)? {
+        tracing::warn!(dev = %dev.display(), "this kernel has no xfs error configuration: xfs retries metadata writes on a full pool as it does by default");
+    }
+    Ok(())
+}
+
 /// Unmounts `target`. Not being mounted is not an error.
 ///
 /// # Errors
@@ -176,74 +253,37 @@ pub fn grow_mounted(fs: FsType, dev: &Path, mountpoint: &Path) -> Result<()> {
     }
 }
 
-/// Grows the unmounted filesystem on `dev` by mounting it at a private temporary
-/// directory, growing it online and unmounting it again.
+/// Grows the unmounted filesystem on `dev` by mounting it for a moment in the private
+/// mount directory `mounts`, growing it online and unmounting it again.
 ///
 /// # Errors
 /// [`Error::Io`] or [`Error::Command`] when any step fails; the temporary mount is removed.
-pub fn grow_unmounted(fs: FsType, dev: &Path) -> Result<()> {
-    // One directory per call: concurrent Prepares in the daemon may grow two devices at once.
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("thinsnap-grow-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
-    let res = mount(dev, &dir, fs, fs.required_options()).and_then(|()| {
-        crate::failpoint::hit("create.after-grow-mount");
-        let grown = grow_mounted(fs, dev, &dir);
-        let unmounted = umount(&dir);
-        grown.and(unmounted)
-    });
-    let _ = std::fs::remove_dir(&dir);
-    res
+pub fn grow_unmounted(fs: FsType, dev: &Path, mounts: &crate::MountDir) -> Result<()> {
+    mounts.with_mount(
+        "grow",
+        dev,
+        fs,
+        fs.required_options(),
+        "create.after-grow-mount",
+        |dir| grow_mounted(fs, dev, dir),
+    )
 }
 
-/// Temporary mounts [`grow_unmounted`] left behind by processes that are gone (killed
-/// between mounting and unmounting), which keep their devices open.
+/// Removes the empty `lost+found` directory mkfs made in the unmounted filesystem on
+/// `dev`, mounting it for a moment in the private mount directory `mounts`. Returns
+/// whether there was one (one that holds anything is left alone).
 ///
 /// # Errors
-/// [`Error::Io`] when mountinfo cannot be read.
-pub fn stale_grow_mounts() -> Result<Vec<std::path::PathBuf>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| Error::io("read", "/proc/self/mountinfo", e))?;
-    let tmp = std::env::temp_dir();
-    let me = std::process::id();
-    let mut out = Vec::new();
-    for mp in info.lines().filter_map(|l| l.split(' ').nth(4)) {
-        let path = std::path::PathBuf::from(unescape_mountinfo(mp));
-        if path.parent() != Some(tmp.as_path()) {
-            continue;
-        }
-        let Some(rest) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("thinsnap-grow-"))
-        else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
-            continue;
-        };
-        // Alive means kill(pid, 0) succeeds or is refused (EPERM): someone else's process.
-        let alive = pid as u32 == me
-            || !matches!(
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-                Err(Errno::ESRCH)
-            );
-        if !alive && !out.contains(&path) {
-            out.push(path);
-        }
-    }
-    Ok(out)
-}
-
-/// Unmounts a stale mount found by [`stale_grow_mounts`] and removes its directory.
-///
-/// # Errors
-/// As [`umount`].
-pub fn remove_grow_mount(dir: &Path) -> Result<()> {
-    umount(dir)?;
-    let _ = std::fs::remove_dir(dir);
-    Ok(())
+/// [`Error::Io`] when a step fails; the temporary mount is removed.
+pub fn remove_lost_found(fs: FsType, dev: &Path, mounts: &crate::MountDir) -> Result<bool> {
+    mounts.with_mount(
+        "lost-found",
+        dev,
+        fs,
+        fs.required_options(),
+        "base.after-tidy-mount",
+        crate::mountdir::remove_lost_found,
+    )
 }
 
 /// Inodes in use in the unmounted filesystem on `dev`, read from its superblock (the

@@ -27,14 +27,16 @@ pub struct LoopFile {
     pub device: Device,
 }
 
-/// Creates a sparse file of `size` bytes at `path` (which must not exist).
+/// Creates a sparse file of `size` bytes at `path` (which must not exist), mode 0600.
 ///
 /// # Errors
 /// [`Error::AlreadyExists`] when `path` exists; [`Error::Io`] on failure.
 pub fn create_sparse(path: &Path, size: u64) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(path)
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {

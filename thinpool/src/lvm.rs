@@ -10,7 +10,7 @@ use crate::{
     cmd, dm,
     error::{Error, Hint, Result},
     names,
-    pool::PoolOptions,
+    options::PoolOptions,
     units::{self, GIB, MIB},
 };
 

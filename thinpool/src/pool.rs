@@ -21,6 +21,7 @@ use crate::{
     loopback::{self, LoopFile},
     lvm,
     names::{self, PoolName},
+    options::PoolOptions,
     units::{self, GIB, MAX_BLOCK_SIZE, META_BLOCK_BYTES, MIN_BLOCK_SIZE},
 };
 
@@ -43,37 +44,6 @@ pub enum Source {
     },
     /// An LVM thin-pool logical volume `vg/lv`.
     Lvm(lvm::LvmPool),
-}
-
-/// Settings of a pool's thin-pool table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolOptions {
-    /// Data block size (allocation unit), 64 KiB to 1 GiB, a multiple of 64 KiB.
-    pub block_size: Sectors,
-    /// Low-water mark in data blocks: the kernel raises an event when free blocks drop
-    /// below it. `None`: a tenth of the data blocks.
-    pub low_water_mark: Option<DataBlocks>,
-    /// Fail writes at once when out of space, instead of queueing them for 60 s.
-    pub error_if_no_space: bool,
-    /// Zero newly provisioned blocks, so no data of a deleted device leaks into a new one.
-    pub zero_new_blocks: bool,
-    /// Pass discards down to the data device, returning space to a sparse file or SSD.
-    pub discard_passdown: bool,
-    /// Use direct I/O on loop devices where possible.
-    pub direct_io: bool,
-}
-
-impl Default for PoolOptions {
-    fn default() -> Self {
-        PoolOptions {
-            block_size: units::DEFAULT_BLOCK_SIZE,
-            low_water_mark: None,
-            error_if_no_space: true,
-            zero_new_blocks: true,
-            discard_passdown: true,
-            direct_io: true,
-        }
-    }
 }
 
 /// The storage behind an open pool.
@@ -341,13 +311,18 @@ impl ThinPool {
         };
         if fresh {
             check_sizes(data_size, meta_size, opts.block_size)?;
-            fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+            crate::private::create_dir(dir)?;
             loopback::create_sparse(&meta_file, meta_size)?;
             if let Err(e) = loopback::create_sparse(&data_file, data_size) {
                 let _ = fs::remove_file(&meta_file);
                 return Err(e);
             }
             info!(dir = %dir.display(), data = %units::format_size(data_size), metadata = %units::format_size(meta_size), "created loopback pool files");
+        } else {
+            // The files hold every image's, container's and volume's blocks.
+            for p in [dir, &data_file, &meta_file] {
+                crate::private::restrict(p)?;
+            }
         }
         let undo_files = |e: Error| -> Error {
             if fresh {
@@ -544,15 +519,15 @@ impl ThinPool {
             }),
             PoolMode::ReadOnly => Err(degraded(
                 "read-only",
-                "the kernel found a metadata problem: stop thinsnap, run `thinsnap pool check`, then repair with thin_repair (see docs/operations.md)",
+                "the kernel found a metadata problem: check the metadata with thin_check, then repair it with thin_repair",
             )),
             PoolMode::Failed => Err(degraded(
                 "failed",
-                "its devices error all I/O: check `dmesg` for the cause (a missing or failing disk), fix it, then restart thinsnap",
+                "its devices error all I/O: check `dmesg` for the cause (a missing or failing disk) and fix it",
             )),
             PoolMode::ReadWrite if st.needs_check => Err(degraded(
                 "flagged for a metadata check",
-                "stop thinsnap, deactivate the pool and run `thinsnap pool check`",
+                "deactivate the pool and check its metadata with thin_check",
             )),
             PoolMode::ReadWrite => Ok(st),
         }
@@ -907,7 +882,7 @@ impl ThinPool {
                 op: "destroy",
                 what: format!("existing dm pool {}", &*self.dm_name),
                 hint: Hint(Some(
-                    "thinsnap did not create it; remove it with the tool that did",
+                    "it was not created here; remove it with the tool that created it",
                 )),
             }),
             Backing::Loopback { dir, .. } => {

@@ -132,6 +132,22 @@ impl ThinPool {
             format!("{}:{} {id}", self.device.major, self.device.minor),
         );
         let info = match dm::info(&name)? {
+            Some(info) if dm::live_table(&name)?.is_none() => {
+                // Ours (same name and uuid) but never resumed: a process died between
+                // creating it and loading its table. Finish the activation.
+                if info.uuid().map(|u| u.to_string()) != Some(uuid.to_string()) {
+                    return Err(Error::invalid(
+                        format!("dm device {}", &*name),
+                        "it exists without a table and is not thinsnap's (its uuid differs)",
+                    ));
+                }
+                debug!(%id, "completing a device created without a table");
+                dm::reload(&name, &[line])?;
+                dm::info(&name)?.ok_or_else(|| Error::NotFound {
+                    what: format!("dm device {}", &*name),
+                    hint: Hint(None),
+                })?
+            }
             Some(info) => {
                 let (len, ty, params) = dm::table(&name)?;
                 if ty != "thin" || params != line.3 {
@@ -240,6 +256,15 @@ impl ThinPool {
         Ok(dm::info(&self.thin_name(id))?.is_some())
     }
 
+    /// How many holders have thin device `id` open (a mounted filesystem is one), or None
+    /// when it is not active. One status ioctl.
+    ///
+    /// # Errors
+    /// [`Error::Dm`] on failure.
+    pub fn open_count(&self, id: ThinId) -> Result<Option<u32>> {
+        Ok(dm::info(&self.thin_name(id))?.map(|i| i.open_count().max(0) as u32))
+    }
+
     /// The active thin devices of this pool (by their deterministic names), with numbers.
     ///
     /// # Errors
@@ -282,5 +307,18 @@ impl ThinPool {
     pub fn thin_ids(&self) -> Result<BTreeSet<ThinId>> {
         let raw = self.with_metadata_snapshot(metadata::thin_ids)?;
         raw.into_iter().map(ThinId::new).collect()
+    }
+
+    /// Mapped and exclusive data blocks of every thin device (what `thin_ls` reports as
+    /// MAPPED_BLOCKS and EXCLUSIVE_BLOCKS), read from a metadata snapshot: the kernel commits
+    /// the metadata first, so this includes every write the devices completed. One read
+    /// per distinct metadata node (see [`crate::usage`]): callers cache it.
+    ///
+    /// # Errors
+    /// [`Error::Busy`] when someone else holds a metadata snapshot; [`Error::Io`] or
+    /// [`Error::Invalid`] when the metadata cannot be read.
+    #[instrument(level = "debug", skip(self), fields(pool = %self.name))]
+    pub fn mapping_usage(&self, what: crate::usage::Count) -> Result<crate::usage::MappingUsage> {
+        self.with_metadata_snapshot(|meta, root| crate::usage::read_mapping_usage(meta, root, what))
     }
 }
