@@ -533,6 +533,14 @@ async fn names(d: &Daemon) -> Vec<String> {
     d.client().await.names().await.unwrap()
 }
 
+/// The pool's active dm devices once the daemon has reclaimed every removed snapshot's
+/// device: a failed import's snapshots are removed at once, their devices are discarded
+/// and deleted in the background, and Cleanup (as containerd calls it) waits for that.
+async fn settled_devices(d: &Daemon) -> Vec<String> {
+    d.client().await.cleanup().await.unwrap();
+    common::dm_devices_of(&d.pool)
+}
+
 /// The tree of committed snapshot `name`, through a view.
 async fn tree_of_snapshot(d: &Daemon, name: &str) -> Tree {
     let mut c = d.client().await;
@@ -727,11 +735,7 @@ async fn loop_bad_archives_are_refused_and_leave_nothing() {
         );
         assert_eq!(chains[0], base[0]);
         assert_eq!(names(&d).await, before, "{name}: nothing new is left");
-        assert_eq!(
-            common::dm_devices_of(&d.pool),
-            devices,
-            "{name}: no device left"
-        );
+        assert_eq!(settled_devices(&d).await, devices, "{name}: no device left");
         assert_eq!(private_mounts(d.dir.path()), Vec::<String>::new(), "{name}");
     }
     assert!(!Path::new("/thinsnap-abs").exists());
@@ -832,7 +836,7 @@ async fn loop_bad_archives_are_refused_and_leave_nothing() {
     assert!(err.contains("the image configuration says"), "{err}");
     assert!(err.contains("layer 2/2"), "{err}");
     assert_eq!(names(&d).await, before);
-    assert_eq!(common::dm_devices_of(&d.pool), devices);
+    assert_eq!(settled_devices(&d).await, devices);
 
     // A bad layer above a new good one: the good one is committed and reported as kept.
     let good = Layer::new().file("good", b"kept", 0o644, (0, 0)).finish();

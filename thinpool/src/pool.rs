@@ -25,6 +25,11 @@ use crate::{
     units::{self, GIB, MAX_BLOCK_SIZE, META_BLOCK_BYTES, MIN_BLOCK_SIZE},
 };
 
+/// How long [`ThinPool::with_metadata_snapshot`] waits for someone else's metadata snapshot
+/// to be released: readings take well under a second, so a snapshot held longer is stale
+/// or an admin's.
+pub const HELD_SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Where a pool's storage comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -656,26 +661,17 @@ impl ThinPool {
     }
 
     /// Holds a metadata snapshot while `f` runs: `f` gets the metadata device and the
-    /// block of the snapshot's superblock. The snapshot is released afterwards.
+    /// block of the snapshot's superblock. The snapshot is released afterwards. The pool
+    /// has one metadata snapshot at a time: while another process holds one (a daemon's
+    /// usage reading, a CLI's count, an admin's `thin_ls`), this waits for it to be
+    /// released, up to [`HELD_SNAPSHOT_WAIT`].
     ///
     /// # Errors
-    /// [`Error::Busy`] when a metadata snapshot is already held by someone else; errors of
-    /// `f`; [`Error::Dm`] when reserving or releasing fails.
+    /// [`Error::Busy`] when a metadata snapshot is still held by someone else after the
+    /// wait; errors of `f`; [`Error::Dm`] when reserving or releasing fails.
     pub fn with_metadata_snapshot<T>(&self, f: impl FnOnce(&Path, u64) -> Result<T>) -> Result<T> {
         let _g = self.lock();
-        if let Some(root) = self.status()?.held_metadata_root {
-            return Err(Error::Busy {
-                device: self.dm_name.to_string(),
-                detail: format!(
-                    "a metadata snapshot (block {root}) is already held: release it with the tool that took it (message `release_metadata_snap`)"
-                ),
-            });
-        }
-        dm::message(
-            &self.dm_name,
-            "reserve_metadata_snap",
-            "reserve_metadata_snap",
-        )?;
+        self.reserve_metadata_snapshot()?;
         let res = (|| {
             let root = self.status()?.held_metadata_root.ok_or_else(|| {
                 Error::invalid(
@@ -695,6 +691,38 @@ impl ThinPool {
             (Ok(v), Ok(())) => Ok(v),
             (Ok(_), Err(e)) => Err(e),
             (Err(e), r) => Err(Error::with_rollback(e, r)),
+        }
+    }
+
+    /// Reserves the pool's metadata snapshot, waiting while someone else holds one.
+    fn reserve_metadata_snapshot(&self) -> Result<()> {
+        let deadline = std::time::Instant::now() + HELD_SNAPSHOT_WAIT;
+        loop {
+            let held = match self.status_noflush()?.held_metadata_root {
+                None => match dm::message(
+                    &self.dm_name,
+                    "reserve_metadata_snap",
+                    "reserve_metadata_snap",
+                ) {
+                    Ok(_) => return Ok(()),
+                    // Someone else reserved one between our look and our message.
+                    Err(e) => match self.status_noflush()?.held_metadata_root {
+                        Some(root) => root,
+                        None => return Err(e),
+                    },
+                },
+                Some(root) => root,
+            };
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Busy {
+                    device: self.dm_name.to_string(),
+                    detail: format!(
+                        "a metadata snapshot (block {held}) has been held by someone else for more than {} s: release it with the tool that took it (message `release_metadata_snap`)",
+                        HELD_SNAPSHOT_WAIT.as_secs()
+                    ),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
 
