@@ -138,7 +138,11 @@ impl Engine {
     /// filesystem (statvfs where it is mounted, else its superblock).
     pub(super) fn measure(&self, record: &Record) -> Result<Usage> {
         let d = record.device;
-        let dev = self.activate(record)?;
+        // Under the id lock from activation to the last reading: a concurrent Commit or
+        // Remove of the same key deactivates the device under it, and would otherwise make
+        // a status call here fail on a device that just went away (seen with 64 clients).
+        let _g = self.id_lock(d.thin_id);
+        let dev = self.activate_locked(record)?;
         let bytes = units::sectors_to_bytes(self.pool.thin_usage(d.thin_id)?.mapped);
         // Where it is mounted, the live counts; else the superblock (which an unmount
         // wrote), without reading the mount table.

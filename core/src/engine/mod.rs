@@ -180,8 +180,14 @@ impl Engine {
     /// moves it to the committed name) or Remove makes this NotFound, never a committed
     /// snapshot's device left active.
     fn activate(&self, record: &Record) -> Result<ActiveThin> {
+        let _g = self.id_lock(record.device.thin_id);
+        self.activate_locked(record)
+    }
+
+    /// [`Self::activate`] for a caller that holds the device's id lock, and keeps it while
+    /// it reads the active device (so a Commit or Remove cannot take it away meanwhile).
+    fn activate_locked(&self, record: &Record) -> Result<ActiveThin> {
         let d = record.device;
-        let _g = self.id_lock(d.thin_id);
         match self.store.read()?.get(&record.key)? {
             Some(r) if r.device.thin_id == d.thin_id && r.device.state != State::Removing => {}
             _ => {
