@@ -169,6 +169,60 @@ fn loop_pool_is_readopted_live_and_reattached_after_teardown() {
 }
 
 #[test]
+fn loop_a_metadata_snapshot_held_elsewhere_is_waited_for_then_named() {
+    let t = TestPool::small();
+    let source = Source::Loopback {
+        dir: t.dir.path().join("pool"),
+        data_size: 2 * GIB,
+        meta_size: 64 * MIB,
+    };
+    let pool = t.pool();
+    pool.create_thin(id(3)).unwrap();
+    // A second handle on the same pool stands for another process (a CLI next to the
+    // daemon): the pool has one metadata snapshot at a time.
+    let other = ThinPool::open(&t.name, &source, &PoolOptions::default()).unwrap();
+    let (held, is_held) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            other
+                .with_metadata_snapshot(|_, _| {
+                    held.send(()).unwrap();
+                    std::thread::sleep(std::time::Duration::from_millis(1500));
+                    Ok(())
+                })
+                .unwrap()
+        });
+        is_held.recv().unwrap();
+        assert!(pool.status().unwrap().held_metadata_root.is_some());
+        // Waits for the other holder instead of failing.
+        assert_eq!(
+            pool.thin_ids().unwrap().into_iter().collect::<Vec<_>>(),
+            vec![id(3)]
+        );
+    });
+    assert_eq!(pool.status().unwrap().held_metadata_root, None);
+
+    // One held for longer than the wait: Busy, naming it and how to release it.
+    other
+        .with_metadata_snapshot(|_, _| {
+            let err = pool.thin_ids().unwrap_err();
+            assert!(matches!(err, Error::Busy { .. }), "{err}");
+            let msg = err.to_string();
+            assert!(msg.contains("held by someone else"), "{msg}");
+            assert!(msg.contains("release_metadata_snap"), "{msg}");
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(pool.status().unwrap().held_metadata_root, None);
+    drop(other);
+    assert_eq!(
+        pool.thin_ids().unwrap().into_iter().collect::<Vec<_>>(),
+        vec![id(3)]
+    );
+    pool.delete_thin(id(3)).unwrap();
+}
+
+#[test]
 fn loop_half_present_loopback_pool_is_refused() {
     require_dm();
     let dir = scratch_dir();

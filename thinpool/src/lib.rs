@@ -32,6 +32,6 @@ pub use lvm::LvmPool;
 pub use mountdir::MountDir;
 pub use names::{PoolName, ThinId};
 pub use options::PoolOptions;
-pub use pool::{PoolMode, PoolStatus, Source, ThinPool};
+pub use pool::{PoolMode, PoolStatus, Source, ThinPool, HELD_SNAPSHOT_WAIT};
 pub use thin::{ActiveThin, ThinUsage};
 pub use usage::{Count, DeviceBlocks, MappingUsage};

@@ -212,6 +212,9 @@ pub struct ThinPool {
     pub(crate) block_size: Sectors,
     backing: Backing,
     msg_lock: Mutex<()>,
+    /// Serializes this process's metadata snapshots (the pool has one at a time), apart
+    /// from `msg_lock`: a reading of the snapshot never holds up create, delete or resize.
+    snap_lock: Mutex<()>,
 }
 
 fn features(opts: &PoolOptions) -> Vec<String> {
@@ -292,6 +295,7 @@ impl ThinPool {
             block_size: table.block_size,
             backing,
             msg_lock: Mutex::new(()),
+            snap_lock: Mutex::new(()),
         })
     }
 
@@ -391,6 +395,7 @@ impl ThinPool {
                     meta,
                 },
                 msg_lock: Mutex::new(()),
+                snap_lock: Mutex::new(()),
             }),
             Err(e) => {
                 let undo = data.detach().and(meta.detach());
@@ -670,7 +675,7 @@ impl ThinPool {
     /// [`Error::Busy`] when a metadata snapshot is still held by someone else after the
     /// wait; errors of `f`; [`Error::Dm`] when reserving or releasing fails.
     pub fn with_metadata_snapshot<T>(&self, f: impl FnOnce(&Path, u64) -> Result<T>) -> Result<T> {
-        let _g = self.lock();
+        let _g = self.snap_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.reserve_metadata_snapshot()?;
         let res = (|| {
             let root = self.status()?.held_metadata_root.ok_or_else(|| {
@@ -859,6 +864,7 @@ impl ThinPool {
                             meta: new_meta,
                         },
                         msg_lock: Mutex::new(()),
+                        snap_lock: Mutex::new(()),
                     },
                     report,
                 ));
