@@ -331,6 +331,24 @@ fn loop_containerd_container_survives_a_thinsnap_restart() {
     assert_eq!(out, "layer 3\n");
 }
 
+/// Waits (up to 30 s) until thinsnap lists what containerd lists: `ctr run --rm` removes
+/// its container's snapshot from containerd's metadata at once, and containerd's garbage
+/// collector removes it from thinsnap in the background, a moment later.
+fn wait_for_gc(c: &Containerd, d: &Daemon) {
+    let start = std::time::Instant::now();
+    loop {
+        let (ctr, ts) = (ctr_snapshots(c), thinsnap_snapshots(c, d).0);
+        if ctr == ts {
+            return;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "containerd's gc did not remove thinsnap's snapshots within 30 s:\nctr {ctr:?}\nthinsnap {ts:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// Waits until containerd's requests reach thinsnap again after a restart without socket
 /// activation (docs/operations.md): within 15 s, failing only with connection errors.
 fn wait_for_reconnect(c: &Containerd) {
@@ -377,5 +395,6 @@ fn loop_containerd_never_notices_a_socket_activated_restart() {
         );
         assert_eq!(out, "layer 3\n", "restart {i}");
     }
+    wait_for_gc(&c, &d);
     assert_snapshots_agree(&c, &d);
 }
