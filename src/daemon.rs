@@ -173,6 +173,56 @@ const RECLAIM_DRAIN: Duration = Duration::from_secs(10);
 /// flight before it sends its clients GOAWAY.
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 
+/// After the GOAWAY, how long the server waits for its clients to close their connections
+/// before it closes them itself (once nothing is in flight). containerd closes at once; a
+/// client that does not read its connection would otherwise keep thinsnap from exiting.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// The GOAWAY's moment, as the server's shutdown signal reaches it: `stop` set, then
+/// reclamation quiesced (bounded), then a moment with nothing in flight (bounded).
+async fn goaway(
+    mut stop: watch::Receiver<bool>,
+    mut quiesced: watch::Receiver<bool>,
+    metrics: &Metrics,
+) {
+    let _ = stop.wait_for(|s| *s).await;
+    let _ = tokio::time::timeout(
+        RECLAIM_DRAIN + Duration::from_secs(5),
+        quiesced.wait_for(|q| *q),
+    )
+    .await;
+    metrics
+        .idle_until(tokio::time::Instant::now() + IDLE_WAIT)
+        .await;
+}
+
+/// Waits for the gRPC server to finish. After the GOAWAY and [`CLOSE_WAIT`], with nothing
+/// in flight, connections still open are closed by stopping the server.
+async fn finish_serving(
+    mut server: JoinHandle<Result<()>>,
+    stop: watch::Receiver<bool>,
+    quiesced: watch::Receiver<bool>,
+    metrics: &Metrics,
+) -> Result<Result<()>> {
+    let closing = async {
+        goaway(stop, quiesced, metrics).await;
+        tokio::time::sleep(CLOSE_WAIT).await;
+        while metrics.in_flight() > 0 {
+            metrics
+                .idle_until(tokio::time::Instant::now() + Duration::from_secs(1))
+                .await;
+        }
+    };
+    tokio::select! {
+        served = &mut server => served.context("gRPC server panicked"),
+        () = closing => {
+            warn!("clients kept their connections open {CLOSE_WAIT:?} after GOAWAY; closing them");
+            server.abort();
+            Ok(Ok(()))
+        }
+    }
+}
+
 /// Serves containerd's Snapshots API and the admin API on `listener` until `stop` is set.
 ///
 /// A client reconnects the moment it gets GOAWAY, and containerd gives that reconnection
@@ -185,8 +235,8 @@ fn grpc(
     listener: UnixListener,
     ready: ready::Ready,
     metrics: Arc<Metrics>,
-    mut stop: watch::Receiver<bool>,
-    mut quiesced: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+    quiesced: watch::Receiver<bool>,
 ) -> JoinHandle<Result<()>> {
     tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -201,17 +251,7 @@ fn grpc(
             ))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::UnixListenerStream::new(listener),
-                async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                    let _ = tokio::time::timeout(
-                        RECLAIM_DRAIN + Duration::from_secs(5),
-                        quiesced.wait_for(|q| *q),
-                    )
-                    .await;
-                    metrics
-                        .idle_until(tokio::time::Instant::now() + IDLE_WAIT)
-                        .await;
-                },
+                async move { goaway(stop, quiesced, &metrics).await },
             )
             .await
             .context("gRPC server failed")
@@ -298,7 +338,13 @@ async fn serve(
         None => {
             let l = Listener::open(None, &config.socket, "containerd's socket (`socket`)")?;
             (
-                grpc(l.listener, gate, metrics.clone(), stop.clone(), quiesced),
+                grpc(
+                    l.listener,
+                    gate,
+                    metrics.clone(),
+                    stop.clone(),
+                    quiesced.clone(),
+                ),
                 l.bound,
             )
         }
@@ -309,7 +355,7 @@ async fn serve(
         .unwrap_or(0);
     info!(socket = %config.socket.display(), started, from_systemd = passed, "serving containerd's Snapshots API");
     systemd::notify("READY=1");
-    let served = server.await.context("gRPC server panicked")?;
+    let served = finish_serving(server, stop.clone(), quiesced, &metrics).await?;
     // Reclamation stopped before the GOAWAY (what is still queued is the next start's),
     // unless the server ended on an error of its own.
     if *stop.borrow() {

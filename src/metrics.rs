@@ -70,6 +70,11 @@ impl Metrics {
         InFlight(self)
     }
 
+    /// How many requests are in flight.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
     /// Waits until no request is in flight, or until `deadline`.
     pub async fn idle_until(&self, deadline: tokio::time::Instant) {
         loop {

@@ -527,3 +527,30 @@ async fn loop_usage_is_exclusive_bytes() {
         "its children gone, removing l1 would free all it added: {alone}"
     );
 }
+
+/// A client that opened an HTTP/2 connection and never reads it (it cannot see the
+/// GOAWAY) does not keep a stopping daemon from exiting: after the GOAWAY and a grace
+/// period the daemon closes the connection itself, exits cleanly, and says so in its log.
+#[test]
+fn loop_an_idle_connection_does_not_keep_the_daemon_from_stopping() {
+    use std::io::Write;
+    let mut d = Daemon::start();
+    let mut idle = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    // The client preface and an empty SETTINGS frame; then nothing, ever.
+    idle.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stopping = std::thread::spawn(move || {
+        let status = d.stop();
+        let _ = tx.send(());
+        (d, status)
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(90))
+        .expect("the daemon did not exit within 90 s of SIGTERM with an idle client connected");
+    let (d, status) = stopping.join().unwrap();
+    assert!(status.unwrap().success(), "it stops cleanly");
+    let log = std::fs::read_to_string(d.log()).unwrap();
+    assert!(log.contains("after GOAWAY; closing them"), "{log}");
+    drop(idle);
+}
