@@ -131,14 +131,19 @@ fn loop_out_of_data_space_is_a_clear_error_and_growing_recovers() {
     write_direct(&dev.devnode, 0, 128 * MIB).expect("writes work again after growing");
 }
 
-#[test]
-fn loop_pool_is_readopted_live_and_reattached_after_teardown() {
-    let t = TestPool::small();
-    let source = Source::Loopback {
+/// The source of a [`TestPool::small`] pool, to open it again as another process would.
+fn small_source(t: &TestPool) -> Source {
+    Source::Loopback {
         dir: t.dir.path().join("pool"),
         data_size: 2 * GIB,
         meta_size: 64 * MIB,
-    };
+    }
+}
+
+#[test]
+fn loop_pool_is_readopted_live_and_reattached_after_teardown() {
+    let t = TestPool::small();
+    let source = small_source(&t);
     let pool = t.pool();
     pool.create_thin(id(7)).unwrap();
     let dev = pool.activate(id(7), bytes_to_sectors(GIB)).unwrap();
@@ -171,11 +176,7 @@ fn loop_pool_is_readopted_live_and_reattached_after_teardown() {
 #[test]
 fn loop_a_metadata_snapshot_held_elsewhere_is_waited_for_then_named() {
     let t = TestPool::small();
-    let source = Source::Loopback {
-        dir: t.dir.path().join("pool"),
-        data_size: 2 * GIB,
-        meta_size: 64 * MIB,
-    };
+    let source = small_source(&t);
     let pool = t.pool();
     pool.create_thin(id(3)).unwrap();
     // A second handle on the same pool stands for another process (a CLI next to the
