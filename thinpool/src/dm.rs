@@ -58,7 +58,9 @@ pub fn info(name: &DmName) -> Result<Option<DeviceInfo>> {
 pub fn create(name: &DmName, uuid: Option<&DmUuid>, table: &[TableLine]) -> Result<DeviceInfo> {
     let dm = get()?;
     let id = DevId::Name(name);
-    if let Err(e) = dm.device_create(name, uuid, DmOptions::default()) {
+    let made = tracing::debug_span!("device_create")
+        .in_scope(|| dm.device_create(name, uuid, DmOptions::default()));
+    if let Err(e) = made {
         if errno_of(&e) == Some(Errno::EBUSY) {
             return Err(Error::AlreadyExists {
                 what: format!("dm device {name}"),
@@ -66,11 +68,12 @@ pub fn create(name: &DmName, uuid: Option<&DmUuid>, table: &[TableLine]) -> Resu
         }
         return Err(Error::from_dm(name.to_string(), "device_create", e));
     }
-    let loaded = dm
-        .table_load(&id, table, DmOptions::default())
+    let loaded = tracing::debug_span!("table_load")
+        .in_scope(|| dm.table_load(&id, table, DmOptions::default()))
         .map_err(|e| Error::from_dm(name.to_string(), "table_load", e))
         .and_then(|_| {
-            dm.device_suspend(&id, DmOptions::default())
+            tracing::debug_span!("resume")
+                .in_scope(|| dm.device_suspend(&id, DmOptions::default()))
                 .map_err(|e| Error::from_dm(name.to_string(), "resume", e))
         });
     match loaded {
@@ -277,6 +280,39 @@ pub fn devnode(dev: Device) -> Result<PathBuf> {
     let path = Path::new("/dev").join(name);
     ensure_node(&path, dev)?;
     Ok(path)
+}
+
+/// The node of dm device `dev`, `/dev/dm-<minor>` (the kernel names every dm disk so),
+/// made if missing: [`devnode`] without reading sysfs, for devices known to be dm's.
+///
+/// # Errors
+/// [`Error::Invalid`] when the path exists as something else; [`Error::Io`] when it cannot
+/// be made.
+pub fn dm_devnode(dev: Device) -> Result<PathBuf> {
+    let path = PathBuf::from(format!("/dev/dm-{}", dev.minor));
+    ensure_node(&path, dev)?;
+    Ok(path)
+}
+
+/// The status of device `name` (without flushing) with its info: None when it does not
+/// exist. One ioctl.
+///
+/// # Errors
+/// [`Error::Invalid`] when it has no table loaded; [`Error::Dm`] otherwise.
+pub fn status_with_info(name: &DmName) -> Result<Option<(DeviceInfo, String, String)>> {
+    let opts = DmOptions::default().set_flags(DmFlags::DM_NOFLUSH);
+    let (info, lines) = match get()?.table_status(&DevId::Name(name), opts) {
+        Ok(r) => r,
+        Err(e) if errno_of(&e) == Some(Errno::ENXIO) => return Ok(None),
+        Err(e) => return Err(Error::from_dm(name.to_string(), "table_status", e)),
+    };
+    match lines.into_iter().next() {
+        Some((_, _, ty, params)) => Ok(Some((info, ty, params))),
+        None => Err(Error::invalid(
+            format!("dm device {name}"),
+            "it has no table loaded",
+        )),
+    }
 }
 
 fn ensure_node(path: &Path, dev: Device) -> Result<()> {

@@ -33,5 +33,5 @@ pub use mountdir::MountDir;
 pub use names::{PoolName, ThinId};
 pub use options::PoolOptions;
 pub use pool::{PoolMode, PoolStatus, Source, ThinPool, HELD_SNAPSHOT_WAIT};
-pub use thin::{ActiveThin, ThinUsage};
+pub use thin::{ActiveThin, ThinReading, ThinUsage};
 pub use usage::{Count, DeviceBlocks, MappingUsage};

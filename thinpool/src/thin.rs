@@ -43,6 +43,19 @@ pub struct ThinUsage {
     pub highest: Option<Sectors>,
 }
 
+/// What one status ioctl tells of an active thin device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThinReading {
+    /// The device number.
+    pub device: Device,
+    /// The device node, `/dev/dm-<minor>`.
+    pub devnode: PathBuf,
+    /// How many holders have it open (a mounted filesystem is one).
+    pub open_count: u32,
+    /// What it has provisioned.
+    pub usage: ThinUsage,
+}
+
 impl ThinPool {
     /// The dm name thin device `id` of this pool has when active.
     pub fn thin_name(&self, id: ThinId) -> DmNameBuf {
@@ -170,7 +183,7 @@ impl ThinPool {
         let device = info.device();
         Ok(ActiveThin {
             id,
-            devnode: dm::devnode(device)?,
+            devnode: dm::dm_devnode(device)?,
             name,
             device,
             size,
@@ -296,6 +309,39 @@ impl ThinPool {
                 format!("the kernel reports it failed: {line}"),
             )),
         }
+    }
+
+    /// Thin device `id`'s device, open count and usage in one status ioctl; None when it
+    /// is not active.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when the device of its name is not a working thin device;
+    /// [`Error::Dm`] on failure.
+    #[instrument(level = "debug", skip(self), fields(pool = %self.name))]
+    pub fn read_active(&self, id: ThinId) -> Result<Option<ThinReading>> {
+        let name = self.thin_name(id);
+        let Some((info, ty, line)) = dm::status_with_info(&name)? else {
+            return Ok(None);
+        };
+        let usage = match (ty.as_str(), line.parse::<ThinStatus>()) {
+            ("thin", Ok(ThinStatus::Working(w))) => ThinUsage {
+                mapped: w.nr_mapped_sectors,
+                highest: w.highest_mapped_sector,
+            },
+            _ => {
+                return Err(Error::invalid(
+                    format!("thin device {}", &*name),
+                    format!("the kernel reports {ty} {line:?}, not a working thin device"),
+                ))
+            }
+        };
+        let device = info.device();
+        Ok(Some(ThinReading {
+            devnode: dm::dm_devnode(device)?,
+            device,
+            open_count: info.open_count().max(0) as u32,
+            usage,
+        }))
     }
 
     /// Every thin id the pool's metadata holds, read from a metadata snapshot; the cost

@@ -29,7 +29,6 @@ impl Engine {
             Some(b) => self.undo_create(&b)?,
             None => {}
         }
-        self.check_space()?;
         let extra: &[String] = if fs == self.config.filesystem {
             &self.config.mkfs_options
         } else {

@@ -140,19 +140,32 @@ impl Engine {
         let d = record.device;
         // Under the id lock from activation to the last reading: a concurrent Commit or
         // Remove of the same key deactivates the device under it, and would otherwise make
-        // a status call here fail on a device that just went away (seen with 64 clients).
+        // a reading here fail on a device that just went away (seen with 64 clients).
         let _g = self.id_lock(d.thin_id);
-        let dev = self.activate_locked(record)?;
-        let bytes = units::sectors_to_bytes(self.pool.thin_usage(d.thin_id)?.mapped);
+        // An active snapshot's device is active but after a restart that found it so: one
+        // status ioctl reads it; only an inactive one is activated (if the key still owns it).
+        let reading = match self.pool.read_active(d.thin_id)? {
+            Some(r) => r,
+            None => {
+                self.activate_locked(record)?;
+                self.pool.read_active(d.thin_id)?.ok_or_else(|| {
+                    Error::Internal(format!(
+                        "the device of snapshot {:?} went away as it was activated",
+                        record.key
+                    ))
+                })?
+            }
+        };
+        let bytes = units::sectors_to_bytes(reading.usage.mapped);
         // Where it is mounted, the live counts; else the superblock (which an unmount
         // wrote), without reading the mount table.
-        let mounted = match self.pool.open_count(d.thin_id)? {
-            Some(n) if n > 0 => self.pool.mounts_of(dev.device)?.into_iter().next(),
-            _ => None,
+        let mounted = match reading.open_count {
+            0 => None,
+            _ => self.pool.mounts_of(reading.device)?.into_iter().next(),
         };
         let inodes = match mounted {
             Some(m) => self.pool.used_inodes_at(&m).unwrap_or(0),
-            None => self.pool.used_inodes(d.fs, &dev.devnode).unwrap_or(0),
+            None => self.pool.used_inodes(d.fs, &reading.devnode).unwrap_or(0),
         };
         Ok(Usage { bytes, inodes })
     }

@@ -102,7 +102,6 @@ impl Engine {
             Some(s) => s,
             None => origin.size,
         };
-        self.check_space()?;
         let parent = (!parent.is_empty()).then(|| parent.to_string());
         let (record, dev) = self.create_device(
             |tx| {
@@ -132,7 +131,9 @@ impl Engine {
             },
             Some(origin.thin_id),
             |r| {
-                let dev = self.activate(r)?;
+                // No other request changes a Creating record (Remove and Commit want it
+                // Ready; gc and Cleanup leave live owners alone): the id is the key's.
+                let dev = self.activate_device(r.device.thin_id, r.device.size)?;
                 fp("create.after-activate");
                 if r.device.size > origin.size {
                     self.pool.grow_unmounted(r.device.fs, &dev.devnode)?;

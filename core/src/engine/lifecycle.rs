@@ -73,6 +73,11 @@ pub(super) trait Owned: Clone {
     fn put(&self, tx: &mut WriteTx) -> StoreResult<()>;
     /// Deletes the record and frees its thin id.
     fn forget(&self, tx: &mut WriteTx) -> StoreResult<()>;
+    /// Writes the record over the stored one that differs only in its device's state (a
+    /// create's intent becoming Ready); [`Owned::put`] unless an owner knows a cheaper way.
+    fn settle(&self, tx: &mut WriteTx) -> StoreResult<()> {
+        self.put(tx)
+    }
     /// Lets go of the device before it is rolled back or removed (a volume unmounts its
     /// directory); nothing by default.
     fn release(&self, _engine: &Engine) -> Result<()> {
@@ -148,6 +153,9 @@ impl Owned for Record {
     }
     fn forget(&self, tx: &mut WriteTx) -> StoreResult<()> {
         tx.delete(&self.key, true).map(|_| ())
+    }
+    fn settle(&self, tx: &mut WriteTx) -> StoreResult<()> {
+        tx.settle(self)
     }
 }
 
@@ -281,7 +289,8 @@ impl Removable for Volume {
 
 impl Engine {
     /// Creates a device: commits the intent (`make`'s record for a fresh thin id, after
-    /// `check` passed in the same transaction), creates the thin device (a snapshot of
+    /// `check` passed in the same transaction, while the pool's free space is checked),
+    /// creates the thin device (a snapshot of
     /// `origin`, or empty), runs `then` on it, and commits the record Ready. Any failure
     /// rolls back; a crash leaves the Creating record for recovery.
     ///
@@ -297,7 +306,11 @@ impl Engine {
     ) -> Result<(R, T)> {
         let mut tries = 0;
         let rec = loop {
-            let rec = self.intend(&check, &make)?;
+            let rec = if tries == 0 {
+                self.intend_with_space(&check, &make)?
+            } else {
+                self.intend(&check, &make)?
+            };
             let id = rec.device().thin_id;
             match self.pool_change(R::CREATE.message, |p| match origin {
                 // Under the origin's lock: a Commit may still be deactivating it.
@@ -329,7 +342,7 @@ impl Engine {
             if R::FINISH {
                 tx.without_waiting_for_the_disk()?;
             }
-            done.put(&mut tx)?;
+            done.settle(&mut tx)?;
             tx.commit()?;
             fp(R::CREATE.ready);
             Ok((done, t))
@@ -338,6 +351,32 @@ impl Engine {
             self.roll_back(&rec);
         }
         made
+    }
+
+    /// [`Engine::intend`] with the free-space check ([`Engine::check_space`]) running
+    /// alongside its durable commit: both pass before the kernel is changed, and a refused
+    /// check drops the intent again (recovery does, after a crash in between).
+    fn intend_with_space<R: Creatable>(
+        &self,
+        check: &impl Fn(&WriteTx) -> Result<()>,
+        make: &impl Fn(ThinId) -> R,
+    ) -> Result<R> {
+        let (intent, space) = std::thread::scope(|s| {
+            let space = s.spawn(|| self.check_space());
+            let intent = self.intend(check, make);
+            let space = space
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (intent, space)
+        });
+        let rec = intent?;
+        if let Err(e) = space {
+            let mut tx = self.store.write()?;
+            rec.forget(&mut tx)?;
+            tx.commit()?;
+            return Err(e);
+        }
+        Ok(rec)
     }
 
     /// The intent of a create: `make`'s record for a fresh thin id (one the pool does not

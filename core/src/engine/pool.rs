@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, path::Path, path::PathBuf};
 
 use thinpool::{
     ActiveThin, Count, DataBlocks, Device, FsType, LvmPool, MappingUsage, MountDir, PoolName,
-    PoolStatus, RemoveMode, Result, Sectors, ThinId, ThinPool, ThinUsage,
+    PoolStatus, RemoveMode, Result, Sectors, ThinId, ThinPool, ThinReading, ThinUsage,
 };
 
 /// One thin pool and the filesystems on its devices. Every method is one kernel step (or
@@ -47,6 +47,9 @@ pub trait Pool: Send + Sync + 'static {
     fn open_count(&self, id: ThinId) -> Result<Option<u32>>;
     /// What active thin device `id` maps.
     fn thin_usage(&self, id: ThinId) -> Result<ThinUsage>;
+    /// Thin device `id`'s number, node, open count and usage in one step; None when it
+    /// is not active.
+    fn read_active(&self, id: ThinId) -> Result<Option<ThinReading>>;
     /// Mapped and exclusive data blocks of every thin device, from a metadata snapshot
     /// (one read per distinct metadata node: the engine caches it).
     fn mapping_usage(&self, what: Count) -> Result<MappingUsage>;
@@ -162,6 +165,9 @@ impl Pool for KernelPool {
     }
     fn thin_usage(&self, id: ThinId) -> Result<ThinUsage> {
         self.pool.thin_usage(id)
+    }
+    fn read_active(&self, id: ThinId) -> Result<Option<ThinReading>> {
+        self.pool.read_active(id)
     }
     fn mapping_usage(&self, what: Count) -> Result<MappingUsage> {
         self.pool.mapping_usage(what)

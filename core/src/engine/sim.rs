@@ -14,7 +14,7 @@ use nix::errno::Errno;
 use thinpool::{
     units, ActiveThin, Count, DataBlocks, Device, DeviceBlocks, DmNameBuf, Error, FsType, Hint,
     LvmPool, MappingUsage, PoolMode, PoolName, PoolStatus, RemoveMode, Result, Sectors, ThinId,
-    ThinPool, ThinUsage,
+    ThinPool, ThinReading, ThinUsage,
 };
 
 use super::pool::Pool;
@@ -437,6 +437,23 @@ impl Pool for SimPool {
             mapped: units::bytes_to_sectors(mapped),
             highest: None,
         })
+    }
+
+    fn read_active(&self, id: ThinId) -> Result<Option<ThinReading>> {
+        let s = self.sim();
+        let Some(&(minor, _)) = s.active.get(&id) else {
+            return Ok(None);
+        };
+        let mapped = s.thins.get(&id).map_or(0, |t| t.mapped);
+        Ok(Some(ThinReading {
+            device: Device { major: 253, minor },
+            devnode: PathBuf::from(format!("/dev/sim/dm-{minor}")),
+            open_count: Self::mounted_dirs(&s, id).len() as u32,
+            usage: ThinUsage {
+                mapped: units::bytes_to_sectors(mapped),
+                highest: None,
+            },
+        }))
     }
 
     fn mapping_usage(&self, _what: Count) -> Result<MappingUsage> {

@@ -9,7 +9,7 @@ impl Engine {
     /// Refuses new devices while free data or metadata space is under `min_free_space`,
     /// or while the kernel reports the pool unwritable; the error says how to get space.
     pub(super) fn check_space(&self) -> Result<()> {
-        let st = self.pool.check_writable()?;
+        let st = tracing::debug_span!("check_space").in_scope(|| self.pool.check_writable())?;
         let min = self.config.min_free_space;
         let data_free = 1.0 - st.data_fraction();
         let meta_free = 1.0 - st.meta_fraction();

@@ -795,8 +795,47 @@ fn a_read_only_pool_refuses_new_snapshots() {
     let w = World::new();
     let e = w.engine();
     w.sim.set_mode(PoolMode::ReadOnly);
+    let before = w.sim.log().len();
     let err = e.prepare("a", "", labels(&[])).unwrap_err();
     assert_eq!(err.kind(), crate::error::ErrorKind::Unavailable, "{err}");
+    // The check runs alongside the intent's commit: the intent is dropped again, and the
+    // pool was not changed.
+    assert!(
+        !w.sim.log()[before..]
+            .iter()
+            .any(|s| s.starts_with("create")),
+        "{:?}",
+        &w.sim.log()[before..]
+    );
+    assert!(matches!(e.stat("a"), Err(Error::NotFound(_))));
+    assert_consistent(&w, &e);
+    w.sim.set_mode(PoolMode::ReadWrite);
+    e.prepare("a", "", labels(&[])).unwrap();
+    assert_consistent(&w, &e);
+}
+
+/// Commit measures an active snapshot's device with one reading; one it finds inactive
+/// (deactivated behind the daemon's back) is activated to be measured, then committed.
+#[test]
+fn commit_measures_a_device_found_inactive() {
+    let w = World::new();
+    let e = w.engine();
+    // The same snapshot measured as it is (active): what the base's blocks count.
+    e.prepare("b", "", labels(&[])).unwrap();
+    e.commit("cb", "b", labels(&[])).unwrap();
+    let shared = e.stat("cb").unwrap().usage.unwrap().bytes;
+    e.prepare("a", "", labels(&[])).unwrap();
+    let id = e.stat("a").unwrap().device.thin_id;
+    w.sim.write(id, 3 << 20);
+    super::pool::Pool::deactivate(&w.sim, id, thinpool::RemoveMode::Now).unwrap();
+    e.commit("c", "a", labels(&[])).unwrap();
+    let info = e.stat("c").unwrap();
+    assert_eq!(info.usage.map(|u| u.bytes), Some(shared + (3 << 20)));
+    assert!(
+        !w.sim.active_ids().contains(&id),
+        "a committed device is inactive"
+    );
+    assert_consistent(&w, &e);
 }
 
 /// Another tool's thin devices in the pool (a shared or LVM pool, or a store restored from

@@ -507,7 +507,9 @@ impl WriteTx {
     pub fn put(&mut self, record: &Record) -> StoreResult<()> {
         let key = record.key.as_str();
         let old = self.get(key)?;
-        {
+        // Only what changed is rewritten: a state change (Creating to Ready, the common
+        // case) touches the record and the unsettled index alone.
+        if old.as_ref().map(|o| &o.parent) != Some(&record.parent) {
             let mut children = self.tx.open_multimap_table(CHILDREN)?;
             if let Some(p) = old.as_ref().and_then(|o| o.parent.as_deref()) {
                 children.remove(p, key)?;
@@ -516,12 +518,39 @@ impl WriteTx {
                 children.insert(p, key)?;
             }
         }
-        if let Some(o) = &old {
-            if o.device.thin_id != record.device.thin_id {
+        match &old {
+            // The key owns its record's id already.
+            Some(o) if o.device.thin_id == record.device.thin_id => {}
+            Some(o) => {
                 self.release(o.device.thin_id, &record.owner())?;
+                self.own(record.device.thin_id, &record.owner())?;
             }
+            None => self.own(record.device.thin_id, &record.owner())?,
         }
-        self.own(record.device.thin_id, &record.owner())?;
+        let mut unsettled = self.tx.open_table(UNSETTLED)?;
+        if record.device.state == State::Ready {
+            unsettled.remove(key)?;
+        } else {
+            unsettled.insert(key, ())?;
+        }
+        self.tx
+            .open_table(SNAPSHOTS)?
+            .insert(key, encode(record).as_slice())?;
+        Ok(())
+    }
+
+    /// Writes `record` over the stored record of its key, which differs from it only in its
+    /// device's state (a create's intent becoming Ready): the parent index and the thin-id
+    /// table stay as they are, only the record and the unsettled index are written.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn settle(&mut self, record: &Record) -> StoreResult<()> {
+        let key = record.key.as_str();
+        debug_assert!(
+            matches!(self.get(key), Ok(Some(o)) if o.parent == record.parent && o.device.thin_id == record.device.thin_id),
+            "settle is for a record whose parent and thin id are stored already"
+        );
         let mut unsettled = self.tx.open_table(UNSETTLED)?;
         if record.device.state == State::Ready {
             unsettled.remove(key)?;
@@ -774,6 +803,33 @@ mod tests {
         let r = s.read().unwrap();
         assert!(!r.has_children("base").unwrap());
         assert_eq!(r.thin_ids().unwrap(), vec![(id(1), snap("base"))]);
+    }
+
+    #[test]
+    fn settling_an_intent_keeps_its_parent_and_id_and_leaves_the_unsettled_index() {
+        let (_d, s) = store();
+        let mut tx = s.write().unwrap();
+        let mut base = rec("base", None, 1);
+        base.device.state = State::Ready;
+        tx.put(&base).unwrap();
+        let intent = rec("child", Some("base"), 2);
+        tx.put(&intent).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(s.read().unwrap().unsettled().unwrap().len(), 1);
+
+        let mut done = intent.clone();
+        done.device.state = State::Ready;
+        let mut tx = s.write().unwrap();
+        tx.settle(&done).unwrap();
+        tx.commit().unwrap();
+        let r = s.read().unwrap();
+        assert_eq!(r.get("child").unwrap(), Some(done));
+        assert!(r.unsettled().unwrap().is_empty());
+        assert!(r.has_children("base").unwrap());
+        assert_eq!(
+            r.thin_ids().unwrap(),
+            vec![(id(1), snap("base")), (id(2), snap("child"))]
+        );
     }
 
     #[test]

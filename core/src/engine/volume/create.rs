@@ -77,7 +77,6 @@ impl Engine {
             self.check_size(s, &format!("volume {name:?}'s option size"))?;
         }
         let (start, size) = self.volume_start(&o)?;
-        self.check_space()?;
         if let Start::Snapshot {
             volume: Some(src), ..
         } = &start
