@@ -527,16 +527,7 @@ impl WriteTx {
             }
             None => self.own(record.device.thin_id, &record.owner())?,
         }
-        let mut unsettled = self.tx.open_table(UNSETTLED)?;
-        if record.device.state == State::Ready {
-            unsettled.remove(key)?;
-        } else {
-            unsettled.insert(key, ())?;
-        }
-        self.tx
-            .open_table(SNAPSHOTS)?
-            .insert(key, encode(record).as_slice())?;
-        Ok(())
+        self.write_record(record)
     }
 
     /// Writes `record` over the stored record of its key, which differs from it only in its
@@ -551,6 +542,12 @@ impl WriteTx {
             matches!(self.get(key), Ok(Some(o)) if o.parent == record.parent && o.device.thin_id == record.device.thin_id),
             "settle is for a record whose parent and thin id are stored already"
         );
+        self.write_record(record)
+    }
+
+    /// Writes the record itself and its entry in the unsettled index (present unless Ready).
+    fn write_record(&mut self, record: &Record) -> StoreResult<()> {
+        let key = record.key.as_str();
         let mut unsettled = self.tx.open_table(UNSETTLED)?;
         if record.device.state == State::Ready {
             unsettled.remove(key)?;
