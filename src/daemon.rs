@@ -196,16 +196,18 @@ async fn goaway(
         .await;
 }
 
-/// Waits for the gRPC server to finish. After the GOAWAY and [`CLOSE_WAIT`], with nothing
-/// in flight, connections still open are closed by stopping the server.
+/// Waits for the gRPC server to finish. [`CLOSE_WAIT`] after its GOAWAY (`goaway` set by
+/// the server), with nothing in flight, connections still open are closed by stopping it.
 async fn finish_serving(
     mut server: JoinHandle<Result<()>>,
-    stop: watch::Receiver<bool>,
-    quiesced: watch::Receiver<bool>,
+    mut goaway: watch::Receiver<bool>,
     metrics: &Metrics,
 ) -> Result<Result<()>> {
     let closing = async {
-        goaway(stop, quiesced, metrics).await;
+        if goaway.wait_for(|g| *g).await.is_err() {
+            // The server ended, and the select below has its result.
+            std::future::pending::<()>().await;
+        }
         tokio::time::sleep(CLOSE_WAIT).await;
         while metrics.in_flight() > 0 {
             metrics
@@ -230,15 +232,16 @@ async fn finish_serving(
 /// stopping happens before the GOAWAY, while requests are still served: the background
 /// reclamation stops (`quiesced`), then the server waits (at most [`IDLE_WAIT`]) for a
 /// moment with nothing in flight. After the GOAWAY only a flush is left, and the second is
-/// the restart's.
+/// the restart's. The receiver returned is set once the GOAWAY is sent.
 fn grpc(
     listener: UnixListener,
     ready: ready::Ready,
     metrics: Arc<Metrics>,
     stop: watch::Receiver<bool>,
     quiesced: watch::Receiver<bool>,
-) -> JoinHandle<Result<()>> {
-    tokio::spawn(async move {
+) -> (JoinHandle<Result<()>>, watch::Receiver<bool>) {
+    let (sent, goaway_sent) = watch::channel(false);
+    let task = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(
                 service::api::snapshots::snapshots_server::SnapshotsServer::new(Service::new(
@@ -251,11 +254,15 @@ fn grpc(
             ))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::UnixListenerStream::new(listener),
-                async move { goaway(stop, quiesced, &metrics).await },
+                async move {
+                    goaway(stop, quiesced, &metrics).await;
+                    let _ = sent.send(true);
+                },
             )
             .await
             .context("gRPC server failed")
-    })
+    });
+    (task, goaway_sent)
 }
 
 async fn serve(
@@ -333,18 +340,12 @@ async fn serve(
         (None, None) => None,
     };
     start_background(&snap, &metrics).await?;
-    let (server, bound) = match early {
+    let ((server, goaway_sent), bound) = match early {
         Some(s) => s,
         None => {
             let l = Listener::open(None, &config.socket, "containerd's socket (`socket`)")?;
             (
-                grpc(
-                    l.listener,
-                    gate,
-                    metrics.clone(),
-                    stop.clone(),
-                    quiesced.clone(),
-                ),
+                grpc(l.listener, gate, metrics.clone(), stop.clone(), quiesced),
                 l.bound,
             )
         }
@@ -355,7 +356,7 @@ async fn serve(
         .unwrap_or(0);
     info!(socket = %config.socket.display(), started, from_systemd = passed, "serving containerd's Snapshots API");
     systemd::notify("READY=1");
-    let served = finish_serving(server, stop.clone(), quiesced, &metrics).await?;
+    let served = finish_serving(server, goaway_sent, &metrics).await?;
     // Reclamation stopped before the GOAWAY (what is still queued is the next start's),
     // unless the server ended on an error of its own.
     if *stop.borrow() {

@@ -195,7 +195,7 @@ pub fn status(name: &DmName, flush: bool) -> Result<(String, String)> {
     } else {
         DmOptions::default().set_flags(DmFlags::DM_NOFLUSH)
     };
-    single_line(name, opts, "table_status")
+    single_line(name, opts, "table_status").map(|(_, ty, line)| (ty, line))
 }
 
 /// The live table of the single target of device `name`: (length, target type, parameters).
@@ -226,12 +226,17 @@ pub fn live_table(name: &DmName) -> Result<Option<(u64, String, String)>> {
         .map(|(_, len, ty, params)| (len, ty, params)))
 }
 
-fn single_line(name: &DmName, opts: DmOptions, op: &'static str) -> Result<(String, String)> {
-    let (_, lines) = get()?
+/// The info of device `name` and the status of its single target: (info, type, status).
+fn single_line(
+    name: &DmName,
+    opts: DmOptions,
+    op: &'static str,
+) -> Result<(DeviceInfo, String, String)> {
+    let (info, lines) = get()?
         .table_status(&DevId::Name(name), opts)
         .map_err(|e| not_found_or(name, op, e))?;
     match lines.into_iter().next() {
-        Some((_, _, ty, params)) => Ok((ty, params)),
+        Some((_, _, ty, params)) => Ok((info, ty, params)),
         None => Err(Error::invalid(
             format!("dm device {name}"),
             "it has no table loaded",
@@ -301,17 +306,9 @@ pub fn dm_devnode(dev: Device) -> Result<PathBuf> {
 /// [`Error::Invalid`] when it has no table loaded; [`Error::Dm`] otherwise.
 pub fn status_with_info(name: &DmName) -> Result<Option<(DeviceInfo, String, String)>> {
     let opts = DmOptions::default().set_flags(DmFlags::DM_NOFLUSH);
-    let (info, lines) = match get()?.table_status(&DevId::Name(name), opts) {
-        Ok(r) => r,
-        Err(e) if errno_of(&e) == Some(Errno::ENXIO) => return Ok(None),
-        Err(e) => return Err(Error::from_dm(name.to_string(), "table_status", e)),
-    };
-    match lines.into_iter().next() {
-        Some((_, _, ty, params)) => Ok(Some((info, ty, params))),
-        None => Err(Error::invalid(
-            format!("dm device {name}"),
-            "it has no table loaded",
-        )),
+    match single_line(name, opts, "table_status") {
+        Err(Error::NotFound { .. }) => Ok(None),
+        r => r.map(Some),
     }
 }
 

@@ -7,7 +7,7 @@
 
 use std::{collections::BTreeSet, path::PathBuf};
 
-use devicemapper::{Device, DmNameBuf, Sectors, ThinStatus};
+use devicemapper::{Device, DmName, DmNameBuf, Sectors, ThinStatus};
 use nix::errno::Errno;
 use tracing::{debug, instrument};
 
@@ -298,17 +298,8 @@ impl ThinPool {
     /// the device failed.
     pub fn thin_usage(&self, id: ThinId) -> Result<ThinUsage> {
         let name = self.thin_name(id);
-        let (_, line) = dm::status(&name, true)?;
-        match line.parse::<ThinStatus>() {
-            Ok(ThinStatus::Working(w)) => Ok(ThinUsage {
-                mapped: w.nr_mapped_sectors,
-                highest: w.highest_mapped_sector,
-            }),
-            _ => Err(Error::invalid(
-                format!("thin device {}", &*name),
-                format!("the kernel reports it failed: {line}"),
-            )),
-        }
+        let (ty, line) = dm::status(&name, true)?;
+        working_usage(&name, &ty, &line)
     }
 
     /// Thin device `id`'s device, open count and usage in one status ioctl; None when it
@@ -323,18 +314,7 @@ impl ThinPool {
         let Some((info, ty, line)) = dm::status_with_info(&name)? else {
             return Ok(None);
         };
-        let usage = match (ty.as_str(), line.parse::<ThinStatus>()) {
-            ("thin", Ok(ThinStatus::Working(w))) => ThinUsage {
-                mapped: w.nr_mapped_sectors,
-                highest: w.highest_mapped_sector,
-            },
-            _ => {
-                return Err(Error::invalid(
-                    format!("thin device {}", &*name),
-                    format!("the kernel reports {ty} {line:?}, not a working thin device"),
-                ))
-            }
-        };
+        let usage = working_usage(&name, &ty, &line)?;
         let device = info.device();
         Ok(Some(ThinReading {
             devnode: dm::dm_devnode(device)?,
@@ -366,5 +346,22 @@ impl ThinPool {
     #[instrument(level = "debug", skip(self), fields(pool = %self.name))]
     pub fn mapping_usage(&self, what: crate::usage::Count) -> Result<crate::usage::MappingUsage> {
         self.with_metadata_snapshot(|meta, root| crate::usage::read_mapping_usage(meta, root, what))
+    }
+}
+
+/// The usage in the status of thin device `name` (target `ty`, status `line`).
+///
+/// # Errors
+/// [`Error::Invalid`] unless it is a working thin device.
+fn working_usage(name: &DmName, ty: &str, line: &str) -> Result<ThinUsage> {
+    match (ty, line.parse::<ThinStatus>()) {
+        ("thin", Ok(ThinStatus::Working(w))) => Ok(ThinUsage {
+            mapped: w.nr_mapped_sectors,
+            highest: w.highest_mapped_sector,
+        }),
+        _ => Err(Error::invalid(
+            format!("thin device {name}"),
+            format!("the kernel reports {ty} {line:?}, not a working thin device"),
+        )),
     }
 }

@@ -142,8 +142,8 @@ impl Engine {
         // Remove of the same key deactivates the device under it, and would otherwise make
         // a reading here fail on a device that just went away (seen with 64 clients).
         let _g = self.id_lock(d.thin_id);
-        // An active snapshot's device is active but after a restart that found it so: one
-        // status ioctl reads it; only an inactive one is activated (if the key still owns it).
+        // An active snapshot's device is normally active: one status ioctl reads it. One
+        // found inactive is activated first (if the key still owns it).
         let reading = match self.pool.read_active(d.thin_id)? {
             Some(r) => r,
             None => {

@@ -290,9 +290,9 @@ impl Removable for Volume {
 impl Engine {
     /// Creates a device: commits the intent (`make`'s record for a fresh thin id, after
     /// `check` passed in the same transaction, while the pool's free space is checked),
-    /// creates the thin device (a snapshot of
-    /// `origin`, or empty), runs `then` on it, and commits the record Ready. Any failure
-    /// rolls back; a crash leaves the Creating record for recovery.
+    /// creates the thin device (a snapshot of `origin`, or empty), runs `then` on it, and
+    /// commits the record Ready. Any failure rolls back; a crash leaves the Creating record
+    /// for recovery.
     ///
     /// An id the pool turns out to hold already (another tool's device on a shared pool)
     /// is never touched: the intent is dropped, the id is remembered as foreign, and the
